@@ -1,0 +1,34 @@
+"""lipbound: certified Lipschitz bounds of neural networks.
+
+Examples
+--------
+>>> import torch.nn as nn, lipbound
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> cert = lipbound.certify(model, input_shape=4, method="lipsdp-neuron")
+>>> cert.certified
+True
+"""
+
+from lipbound.activations import SUPPORTED_ACTIVATIONS, ActivationSpec
+from lipbound.api import METHODS, Verification, certify, certify_all, verify_certificate
+from lipbound.certificate import Certificate
+from lipbound.errors import (
+    CertificationError,
+    FormulationError,
+    LipboundError,
+    NetworkError,
+    SolverError,
+    UnsupportedLayerError,
+)
+from lipbound.importers import from_torch, from_weights, load
+from lipbound.lower import LowerBound, lower_bound
+from lipbound.network import Affine, Network, SlopeRestricted
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
+    "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "SlopeRestricted", "SolverError",
+    "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_torch", "from_weights", "load",
+    "lower_bound", "verify_certificate",
+]

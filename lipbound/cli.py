@@ -1,0 +1,111 @@
+"""Command-line interface: ``lipbound certify``, ``lipbound demo``.
+
+The library logs; this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lipbound.api import METHODS, as_network, certify_all
+from lipbound.certificate import Certificate
+from lipbound.errors import LipboundError
+from lipbound.lower import lower_bound
+
+
+def _fmt(value, spec=".6g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(certs: list[Certificate]) -> str:
+    """A plain-text table: method, certified bound, solver value, lower bound, gap, time."""
+    header = f"{'method':<15}{'solver':<12}{'certified bound':>17}{'solver value':>15}{'lower bound':>13}" \
+             f"{'gap (ub/lb)':>13}{'time [s]':>10}  status"
+    lines = [header, "-" * len(header)]
+    for c in certs:
+        ub = _fmt(c.upper_bound) if c.certified else "NOT CERTIFIED"
+        lines.append(f"{c.method:<15}{c.solver:<12}{ub:>17}{_fmt(c.solver_bound):>15}{_fmt(c.lower_bound):>13}"
+                     f"{_fmt(c.gap, '.4f'):>13}{c.time_s:>10.3f}  {c.status}{(': ' + c.reason) if c.reason else ''}")
+    return "\n".join(lines)
+
+
+def _json_record(c: Certificate) -> dict:
+    keys = ("method", "solver", "norm", "upper_bound", "certified", "solver_bound", "lower_bound", "time_s")
+    record = {k: getattr(c, k) for k in keys}
+    record.update({"status": c.status, "reason": c.reason, "eigen_defect": c.eigen_defect, "delta": c.delta,
+                   "sizes": c.sizes, "network": c.network})
+    return record
+
+
+def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=0) -> list[Certificate]:
+    certs = certify_all(network, methods=methods, solver=solver, verbose=verbose)
+    if want_lower:
+        lb = lower_bound(network, seed=seed)
+        certs = [c.with_lower_bound(lb.value) for c in certs]
+        print(f"lower bound {lb.value:.6g} ({lb.kind}, {lb.time_s:.2f} s on {lb.device})")
+    print(format_table(certs))
+    if json_path:
+        records = [_json_record(c) for c in certs]
+        Path(json_path).write_text(json.dumps(records[0] if len(records) == 1 else records, indent=2))
+        print(f"wrote {json_path}")
+    return certs
+
+
+def cmd_certify(args) -> int:
+    network = as_network(args.path, activation=args.activation)
+    print(network.summary())
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    certs = _run_certify(network, methods, args.solver, args.lower_bound, args.json, args.verbose)
+    return 0 if all(c.certified for c in certs) else 2
+
+
+def cmd_demo(args) -> int:
+    from lipbound.demo import train_digits_mlp
+
+    model, accuracy = train_digits_mlp(seed=args.seed, epochs=args.epochs)
+    print(f"demo: MLP 64-32-32-10 (ReLU) trained on scikit-learn's digits, test accuracy {accuracy:.3f}")
+    network = as_network(model, input_shape=64)
+    certs = _run_certify(network, list(METHODS), args.solver, True, args.json, args.verbose, seed=args.seed)
+    return 0 if all(c.certified for c in certs) else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipbound", description="Certified Lipschitz bounds of neural networks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show solver output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("certify", help="certify a network file (.mat, .npz, .pt)")
+    p.add_argument("path")
+    p.add_argument("--method", default="lipsdp-neuron", choices=list(METHODS) + ["all"])
+    p.add_argument("--solver", default="auto", help="auto, clarabel, scs, mosek, sdpa")
+    p.add_argument("--norm", default="l2", choices=["l2"])
+    p.add_argument("--activation", default="relu", help="activation of weight-only files (default relu)")
+    p.add_argument("--lower-bound", action="store_true", help="also compute a lower bound (attack)")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.set_defaults(func=cmd_certify)
+
+    d = sub.add_parser("demo", help="train a small MLP on sklearn digits (no download) and certify it")
+    d.add_argument("--solver", default="auto")
+    d.add_argument("--epochs", type=int, default=300)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", metavar="OUT")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (LipboundError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

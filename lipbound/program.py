@@ -1,0 +1,228 @@
+"""Solver-independent linear matrix inequality (LMI) programs.
+
+A :class:`Program` is ``minimize c^T y`` subject to sign constraints on ``y`` and one or more LMIs
+``M_t(y) <= 0`` (negative semidefinite). Each LMI is block structured and is a sum of
+:class:`Term` objects, each contributing ``L diag(d) R^T`` (and its transpose) to one block, where
+``d = coef @ y + const``. This low-rank form is what the formulations naturally produce (LipSDP
+multipliers enter through rank-1/rank-2 coefficient matrices); it lets backends assemble the LMI
+sparsely (cvxpy), densely (the certificate), or exploit it directly (the structured solver).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+UNIT_ROUNDOFF = 2.0**-53
+
+
+def gamma(k: int) -> float:
+    """Higham's ``gamma_k = k u / (1 - k u)``, rounded up generously (doubled)."""
+    ku = k * UNIT_ROUNDOFF
+    if ku >= 0.5:
+        raise ValueError(f"problem too large for the rounding-error analysis (k = {k}).")
+    return 2.0 * ku / (1.0 - ku)
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """Contribution ``L diag(coef @ y + const) R^T`` to block ``(row, col)`` (and its transpose).
+
+    ``left``/``right`` are dense arrays of shape (n_row, p)/(n_col, p), or ``None`` for the identity
+    (then the block size equals p). For ``row == col``, ``left`` must equal ``right``.
+    Entries of ``left``, ``right`` are exact data unless ``left_err``/``right_err`` (same shapes) give
+    entrywise bounds on their distance to the exact factors (e.g. for products of weight matrices
+    computed in floating point). Entries of ``coef`` and ``const`` may carry up to ``coef_ops``
+    floating-point roundings each. Both are accounted for in the certificate's radius.
+    """
+
+    row: int
+    col: int
+    left: np.ndarray | None
+    right: np.ndarray | None
+    coef: sp.csr_matrix
+    const: np.ndarray | None = None
+    coef_ops: int = 3
+    left_err: np.ndarray | None = None
+    right_err: np.ndarray | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.coef.shape[0]
+
+    def diagonal_values(self, y: np.ndarray) -> np.ndarray:
+        d = self.coef @ y
+        if self.const is not None:
+            d = d + self.const
+        return d
+
+    def magnitude(self, y: np.ndarray) -> np.ndarray:
+        """An upper bound (up to rounding) on |d| computed from |coef| |y| + |const|."""
+        d = abs(self.coef) @ np.abs(y)
+        if self.const is not None:
+            d = d + np.abs(self.const)
+        return d
+
+    def product(self, d: np.ndarray) -> np.ndarray:
+        """Dense ``L diag(d) R^T``."""
+        if self.left is None and self.right is None:
+            return np.diag(d)
+        if self.right is None:
+            return self.left * d
+        if self.left is None:
+            return (self.right * d).T
+        return (self.left * d) @ self.right.T
+
+
+def _max_row_norm(factor: np.ndarray | None, dabs: np.ndarray) -> float:
+    """``max_i sqrt(sum_k factor_ik^2 |d_k|)`` (``factor=None`` is the identity)."""
+    if dabs.size == 0:
+        return 0.0
+    if factor is None:
+        return float(np.sqrt(np.max(dabs)))
+    return float(np.sqrt(np.max((factor**2) @ dabs)))
+
+
+@dataclass(frozen=True, eq=False)
+class LMI:
+    """A block-structured LMI ``sum_t Term_t(y) <= 0``."""
+
+    block_sizes: tuple[int, ...]
+    terms: tuple[Term, ...]
+    name: str = "lmi"
+
+    @property
+    def size(self) -> int:
+        return int(sum(self.block_sizes))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(int)
+
+    def assemble(self, y: np.ndarray) -> np.ndarray:
+        """Dense symmetric float64 matrix ``M(y)`` (the lower triangle is mirrored, so it is exactly symmetric)."""
+        off = self.offsets
+        m = np.zeros((self.size, self.size))
+        for t in self.terms:
+            block = t.product(t.diagonal_values(y))
+            rs, cs = slice(off[t.row], off[t.row + 1]), slice(off[t.col], off[t.col + 1])
+            m[rs, cs] += block
+            if t.row != t.col:
+                m[cs, rs] += block.T
+        return np.tril(m) + np.tril(m, -1).T
+
+    def rounding_radius(self, y: np.ndarray) -> float:
+        """A bound ``r`` with ``|assemble(y)_ij - M(y)_ij| <= r`` for every entry (exact-arithmetic ``M``).
+
+        Each entry is a sum of products ``L_ik d_k R_jk`` over the terms of its block, with ``d``
+        itself a short sum of products: the standard bound ``gamma_K * sum |L_ik| |d_k| |R_jk|``
+        (Higham, Ch. 3) holds with ``K`` the total number of floating-point operations on the way.
+        The sum is bounded by Cauchy-Schwarz, ``max_i ||L_i sqrt|d| || * max_j ||R_j sqrt|d| ||``.
+        """
+        total = 0.0
+        per_block_terms: dict[tuple[int, int], int] = {}
+        for t in self.terms:
+            key = (min(t.row, t.col), max(t.row, t.col))
+            per_block_terms[key] = per_block_terms.get(key, 0) + 1
+        for t in self.terms:
+            dabs = t.magnitude(y)
+            nnz_row = int(np.max(np.diff(t.coef.indptr))) if t.coef.nnz else 0
+            k = t.rank + nnz_row + t.coef_ops + 4 + per_block_terms[(min(t.row, t.col), max(t.row, t.col))]
+            lmax = _max_row_norm(t.left, dabs)
+            rmax = _max_row_norm(t.right, dabs)
+            # Inexact factors: L R - L^ R^ = dL R^ + L^ dR + dL dR, each bounded by Cauchy-Schwarz too.
+            lerr = _max_row_norm(t.left_err, dabs) if t.left_err is not None else 0.0
+            rerr = _max_row_norm(t.right_err, dabs) if t.right_err is not None else 0.0
+            factor_part = lerr * (rmax + rerr) + lmax * rerr
+            # The bound itself is computed in floating point: inflate by a relative margin far above its
+            # own rounding error (p * u), and add the smallest normal number against underflow.
+            margin = 1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF
+            total += (gamma(k) * (lmax + lerr) * (rmax + rerr) + factor_part) * margin * margin + np.finfo(float).tiny
+        return total * (1.0 + 1e-12)
+
+    def vectorized(self, n_vars: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Sparse ``F`` (N^2 x n_vars) and ``f0`` (N^2) with ``vec(M(y)) = F y + f0`` (column-major vec)."""
+        n = self.size
+        off = self.offsets
+        rows_all, cols_all, vals_all = [], [], []
+        f0 = np.zeros(n * n)
+        for t in self.terms:
+            nb_r = self.block_sizes[t.row]
+            nb_c = self.block_sizes[t.col]
+            left = np.eye(nb_r) if t.left is None else t.left
+            right = np.eye(nb_c) if t.right is None else t.right
+            coef = t.coef.tocsr()
+            for k in range(t.rank):
+                lk = np.nonzero(left[:, k])[0]
+                rk = np.nonzero(right[:, k])[0]
+                if lk.size == 0 or rk.size == 0:
+                    continue
+                outer = np.outer(left[lk, k], right[rk, k]).ravel()
+                ga = np.repeat(lk + off[t.row], rk.size)
+                gb = np.tile(rk + off[t.col], lk.size)
+                idx = [ga + gb * n]
+                if t.row != t.col:
+                    idx.append(gb + ga * n)
+                start, end = coef.indptr[k], coef.indptr[k + 1]
+                for pos in idx:
+                    if t.const is not None and t.const[k] != 0.0:
+                        np.add.at(f0, pos, outer * t.const[k])
+                    for var, val in zip(coef.indices[start:end], coef.data[start:end], strict=True):
+                        rows_all.append(pos)
+                        cols_all.append(np.full(pos.size, var))
+                        vals_all.append(outer * val)
+        if rows_all:
+            f = sp.coo_matrix((np.concatenate(vals_all), (np.concatenate(rows_all), np.concatenate(cols_all))),
+                              shape=(n * n, n_vars)).tocsr()
+        else:
+            f = sp.csr_matrix((n * n, n_vars))
+        return f, f0
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """``minimize objective @ y`` s.t. ``y[nonneg] >= 0`` and ``lmi(y) <= 0`` for every LMI.
+
+    The certified bound derived from a feasible-up-to-defect point is
+    ``scale * g(objective @ y + sum_t delta_t * repair_weights[t])`` with ``g = sqrt`` (``output_map
+    == "sqrt"``) or the identity (``"linear"``), where ``delta_t >= lambda_max(lmi_t(y))``; see
+    :mod:`lipbound.certificate` for why.
+    """
+
+    lmis: tuple[LMI, ...]
+    n_vars: int
+    objective: np.ndarray
+    nonneg: np.ndarray
+    repair_weights: tuple[float, ...]
+    output_map: str = "sqrt"
+    scale: float = 1.0
+    rho_index: int | None = None
+    rho_block: int | None = None
+    variables: tuple[tuple[str, slice], ...] = field(default_factory=tuple)
+    name: str = "program"
+
+    def __post_init__(self):
+        if len(self.repair_weights) != len(self.lmis):
+            raise ValueError("one repair weight per LMI is required.")
+        if self.output_map not in ("sqrt", "linear"):
+            raise ValueError(f"output_map must be 'sqrt' or 'linear', got {self.output_map!r}.")
+
+    @property
+    def sizes(self) -> dict:
+        return {"n_vars": self.n_vars, "lmi_sizes": [lmi.size for lmi in self.lmis]}
+
+    def clip(self, y: np.ndarray) -> np.ndarray:
+        y = np.array(y, dtype=np.float64, copy=True).reshape(-1)
+        if y.shape != (self.n_vars,):
+            raise ValueError(f"expected {self.n_vars} multipliers, got {y.shape[0]}.")
+        y[self.nonneg] = np.maximum(y[self.nonneg], 0.0)
+        return y
+
+    def value(self, y: np.ndarray) -> float:
+        """The bound the solver claims (no certification): ``scale * g(objective @ y)``."""
+        v = float(self.objective @ y)
+        if self.output_map == "sqrt":
+            return self.scale * float(np.sqrt(max(v, 0.0)))
+        return self.scale * v
