@@ -12,50 +12,80 @@ from torch import nn
 
 from lipbound.certificate import Certificate, certify_multipliers, check_program
 from lipbound.errors import FormulationError, SolverError
-from lipbound.formulations.lipsdp import lipsdp, product_bound
+from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound
 from lipbound.importers import from_torch, load
 from lipbound.network import Network
 from lipbound.solvers import choose_solver, get_solver
 
 log = logging.getLogger("lipbound")
 
-METHODS = ("mp", "lipsdp-layer", "lipsdp-neuron")
-NORMS = ("l2",)
+METHODS = ("mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
+NORMS = ("l2", "linf")
 
 
-def as_network(model, input_shape=None, activation: str = "relu") -> Network:
+def as_network(model, input_shape=None, activation: str = "relu", architecture: str = "feedforward") -> Network:
     """Turn a Network, an ``nn.Module`` or a file path into a :class:`Network`."""
     if isinstance(model, Network):
         return model
     if isinstance(model, nn.Module):
         return from_torch(model, input_shape)
     if isinstance(model, (str, Path)):
-        return load(model, activation=activation)
+        return load(model, activation=activation, architecture=architecture)
     raise TypeError(f"cannot certify a {type(model).__name__}: pass a lipbound.Network, an nn.Module or a path.")
 
 
-def _lipsdp_form(method: str) -> str:
-    return method.split("-", 1)[1]
+def applicable_methods(network: Network) -> list[str]:
+    """The methods that apply to a network (``--method all``): LipSDP-Layer/Neuron for slope-restricted
+    activations only; NSR (and RR when every group layer is MaxMin) otherwise."""
+    from lipbound.formulations.lipsdp import _leaf_activations
+    from lipbound.network import GroupSortLayer, SlopeRestricted
+
+    leaves = list(_leaf_activations(network))
+    if all(isinstance(a, SlopeRestricted) for a in leaves):
+        return ["mp", "lipsdp-layer", "lipsdp-neuron"]
+    methods = ["mp", "lipsdp-nsr"]
+    if all(isinstance(a, SlopeRestricted) or (isinstance(a, GroupSortLayer) and a.group_size == 2) for a in leaves):
+        methods.append("lipsdp-rr")
+    return methods
+
+
+def build_problem(network: Network, method: str, norm: str = "l2", output_index: int | None = None,
+                  coupled: bool = False, exponents=None):
+    """The :class:`~lipbound.formulations.LipschitzProblem` of an SDP method."""
+    if method in ("lipsdp-neuron", "lipsdp-layer"):
+        return lipsdp(network, method.split("-", 1)[1], exponents, norm=norm, output_index=output_index)
+    if method == "lipsdp-nsr":
+        return lipsdp_nsr(network, coupled, norm, output_index, exponents)
+    if method == "lipsdp-rr":
+        return lipsdp_rr(network, norm, output_index, exponents)
+    raise FormulationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
 def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str = "auto",
-            input_shape=None, activation: str = "relu", polish: bool = True, verbose: bool = False,
-            **solver_options) -> Certificate:
+            input_shape=None, activation: str = "relu", output_index: int | None = None, coupled: bool = False,
+            polish: bool = True, verbose: bool = False, **solver_options) -> Certificate:
     """Certified upper bound on the Lipschitz constant of ``model``.
 
     Parameters
     ----------
     model : Network, nn.Module or path (.mat, .npz, .pt)
-    method : {"mp", "lipsdp-layer", "lipsdp-neuron"}
-        ``mp``: product of certified spectral norms (times slope maxima). ``lipsdp-*``: the LipSDP
-        programs, solved by ``solver`` and checked rigorously.
-    norm : {"l2"}
-    solver : {"auto", "clarabel", "scs", "mosek", "sdpa"}
+    method : {"mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr"}
+        ``mp``: product of certified per-layer bounds. ``lipsdp-neuron``/``-layer``: LipSDP for
+        slope-restricted activations. ``lipsdp-nsr``: adds the GroupSort/MaxMin/Householder quadratic
+        constraints. ``lipsdp-rr``: MaxMin rewritten as residual ReLU (baseline). Residual and implicit
+        layers are handled inside the SDP.
+    norm : {"l2", "linf"}
+        ``linf`` bounds ``|f_i(x) - f_i(x')| <= L ||x - x'||_inf`` for the scalar output ``output_index``.
+    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native"}
         ``auto`` picks by LMI size and logs the choice.
     input_shape : int or tuple, optional
         For ``nn.Module`` inputs.
     activation : str
         Activation of weight-only files.
+    output_index : int, optional
+        The output row bounded by ``norm="linf"`` (required when there are several outputs).
+    coupled : bool
+        ``lipsdp-nsr`` only: include the S and P multipliers (the full QC) instead of S = P = 0.
     polish : bool
         Re-optimise ``rho`` for the solver's multipliers before checking (never loosens the bound).
     **solver_options
@@ -76,15 +106,17 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     if method not in METHODS:
         raise FormulationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if norm not in NORMS:
-        raise FormulationError(f"norm {norm!r} is not supported for {method}; supported: {', '.join(NORMS)}.")
+        raise FormulationError(f"unknown norm {norm!r}; supported: {', '.join(NORMS)}.")
     start = time.perf_counter()
     network = as_network(model, input_shape, activation)
     sizes = {"dims": list(network.dims), "n_hidden": network.n_hidden}
+    options = {"output_index": output_index, "coupled": coupled}
     if method == "mp":
-        bound, estimate = product_bound(network)
+        bound, estimate = product_bound(network, norm, output_index)
         return Certificate(bound, True, estimate, method, "closed-form", norm, "closed_form",
-                           time_s=time.perf_counter() - start, sizes=sizes, network=network.summary())
-    problem = lipsdp(network, _lipsdp_form(method))
+                           time_s=time.perf_counter() - start, sizes=sizes, network=network.summary(),
+                           options=options)
+    problem = build_problem(network, method, norm, output_index, coupled)
     t_form = time.perf_counter() - start
     solver_name = choose_solver(problem.solve_program) if solver == "auto" else solver.lower()
     result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)
@@ -99,11 +131,15 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         upper_bound=report.bound, certified=report.certified, solver_bound=problem.solve_program.value(result.y),
         method=method, solver=solver_name, norm=norm, status=result.status, reason=report.reason,
         time_s=time.perf_counter() - start, sizes=sizes,
-        eigen_defect=raw.eigen_defects[0] if raw.eigen_defects else None,
-        delta=report.deltas[0] if report.deltas else None,
-        repair_weight=report.repair_weights[0] if report.repair_weights else None,
+        eigen_defect=max(raw.eigen_defects) if raw.eigen_defects else None,
+        delta=max(report.deltas) if report.deltas else None,
+        repair_weight=max(report.repair_weights) if report.repair_weights else None,
         multipliers=[float(v) for v in y], exponents=list(problem.exponents), network=network.summary(),
-        timings=timings)
+        timings=timings, options=options, notes=list(problem.notes), solver_info=_jsonable(result.info))
+
+
+def _jsonable(info: dict) -> dict:
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 @dataclass(frozen=True)
@@ -133,13 +169,15 @@ def verify_certificate(certificate: Certificate, model, input_shape=None, activa
     network = as_network(model, input_shape, activation)
     if not certificate.certified or certificate.upper_bound is None:
         return Verification(False, None, "the certificate does not claim a certified bound")
+    opts = certificate.options or {}
     if certificate.method == "mp":
-        bound, _ = product_bound(network)
+        bound, _ = product_bound(network, certificate.norm, opts.get("output_index"))
     else:
         if certificate.method not in METHODS:
             return Verification(False, None, f"unknown method {certificate.method!r}")
         try:
-            problem = lipsdp(network, _lipsdp_form(certificate.method), exponents=tuple(certificate.exponents))
+            problem = build_problem(network, certificate.method, certificate.norm, opts.get("output_index"),
+                                    bool(opts.get("coupled", False)), tuple(certificate.exponents))
         except FormulationError as exc:
             return Verification(False, None, str(exc))
         report = check_program(problem.program, np.asarray(certificate.multipliers, dtype=np.float64))
@@ -152,9 +190,11 @@ def verify_certificate(certificate: Certificate, model, input_shape=None, activa
                                       f"{certificate.upper_bound!r}")
 
 
-def certify_all(model, methods=METHODS, solver: str = "auto", **kwargs) -> list[Certificate]:
-    """Run several methods; a method that fails yields an uncertified entry with the reason."""
+def certify_all(model, methods=None, solver: str = "auto", **kwargs) -> list[Certificate]:
+    """Run several methods (default: :func:`applicable_methods`); a method whose solver fails yields an
+    uncertified entry with the reason."""
     network = as_network(model, kwargs.pop("input_shape", None), kwargs.pop("activation", "relu"))
+    methods = applicable_methods(network) if methods is None else methods
     out = []
     for method in methods:
         try:

@@ -78,6 +78,13 @@ def check_program(program: Program, y: np.ndarray) -> CheckReport:
             return CheckReport(False, None, float(objective), tuple(deltas), tuple(defects),
                                tuple(program.repair_weights), reason=str(exc))
         deltas.append(delta)
+        if delta == 0:
+            continue
+        if not math.isfinite(weight):
+            return CheckReport(False, None, float(objective), tuple(deltas), tuple(defects),
+                               tuple(program.repair_weights),
+                               reason="the LMI is not strictly feasible and no finite norm bound B exists for its "
+                                      "signals (non-contractive implicit layer)")
         total += Fraction(delta) * Fraction(weight)
     if program.output_map == "sqrt":
         core = sqrt_up(max(total, Fraction(0)))
@@ -97,15 +104,15 @@ def _replace(report: CheckReport, **changes) -> CheckReport:
 
 
 def optimal_rho(program: Program, y: np.ndarray) -> float | None:
-    """Smallest ``rho`` making the LMI feasible for the other multipliers of ``y`` (floating point).
+    """Smallest ``rho >= 0`` making its LMI feasible for the other multipliers of ``y`` (floating point).
 
-    ``rho`` enters only as ``-rho I`` on block ``rho_block`` of the single LMI, so with
+    ``rho`` enters only as ``-w rho I`` on block ``rho_block`` of LMI ``rho_lmi``, so with
     ``M(0, lambda) = [[X, Y^T], [Y, Z]]`` (``X`` that block) the LMI holds iff ``Z < 0`` and
-    ``rho >= lambda_max(X - Y^T Z^{-1} Y)``. Returns ``None`` when ``Z`` is not negative definite.
+    ``w rho >= lambda_max(X - Y^T Z^{-1} Y)``. Returns ``None`` when ``Z`` is not negative definite.
     """
-    if program.rho_index is None or len(program.lmis) != 1:
+    if program.rho_index is None:
         return None
-    lmi = program.lmis[0]
+    lmi = program.lmis[program.rho_lmi]
     y0 = np.array(y, dtype=np.float64, copy=True)
     y0[program.rho_index] = 0.0
     m = lmi.assemble(y0)
@@ -126,7 +133,7 @@ def optimal_rho(program: Program, y: np.ndarray) -> float | None:
         v = scipy.linalg.solve_triangular(c, yb, lower=True, check_finite=False)
         s = x + v.T @ v
     s = (s + s.T) / 2
-    return max(float(scipy.linalg.eigvalsh(s)[-1]), 0.0)
+    return max(float(scipy.linalg.eigvalsh(s)[-1]) / program.rho_weight, 0.0)
 
 
 def certify_multipliers(program: Program, y: np.ndarray,
@@ -183,6 +190,14 @@ class Certificate:
         Summary of the network the certificate is about.
     lower_bound : float or None
         A lower bound, when one was computed.
+    timings : dict
+        Seconds spent formulating, solving and checking.
+    options : dict
+        Formulation options needed to rebuild the program (``output_index``, ``coupled``).
+    notes : list of str
+        Assumptions the bound rests on (e.g. well-posedness of implicit layers).
+    solver_info : dict
+        The backend's own statistics (iterations, duality gap, ...).
     """
 
     upper_bound: float | None
@@ -203,6 +218,9 @@ class Certificate:
     network: str = ""
     lower_bound: float | None = None
     timings: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    solver_info: dict = field(default_factory=dict)
 
     @property
     def gap(self) -> float | None:

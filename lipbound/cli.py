@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lipbound.api import METHODS, as_network, certify_all
+from lipbound.api import METHODS, NORMS, as_network, certify_all
 from lipbound.certificate import Certificate
 from lipbound.errors import LipboundError
 from lipbound.lower import lower_bound
@@ -41,9 +41,13 @@ def _json_record(c: Certificate) -> dict:
     return record
 
 
-def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=0) -> list[Certificate]:
-    certs = certify_all(network, methods=methods, solver=solver, verbose=verbose)
-    if want_lower:
+def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=0, norm="l2", output_index=None,
+                 coupled=False) -> list[Certificate]:
+    certs = certify_all(network, methods=methods, solver=solver, verbose=verbose, norm=norm,
+                        output_index=output_index, coupled=coupled)
+    if want_lower and norm != "l2":
+        print("lower bound: only for the l2 norm; skipped")
+    elif want_lower:
         lb = lower_bound(network, seed=seed)
         certs = [c.with_lower_bound(lb.value) for c in certs]
         print(f"lower bound {lb.value:.6g} ({lb.kind}, {lb.time_s:.2f} s on {lb.device})")
@@ -56,10 +60,11 @@ def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=
 
 
 def cmd_certify(args) -> int:
-    network = as_network(args.path, activation=args.activation)
+    network = as_network(args.path, activation=args.activation, architecture=args.architecture)
     print(network.summary())
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    certs = _run_certify(network, methods, args.solver, args.lower_bound, args.json, args.verbose)
+    methods = None if args.method == "all" else [args.method]
+    certs = _run_certify(network, methods, args.solver, args.lower_bound, args.json, args.verbose, norm=args.norm,
+                         output_index=args.output_index, coupled=args.coupled)
     return 0 if all(c.certified for c in certs) else 2
 
 
@@ -69,7 +74,7 @@ def cmd_demo(args) -> int:
     model, accuracy = train_digits_mlp(seed=args.seed, epochs=args.epochs)
     print(f"demo: MLP 64-32-32-10 (ReLU) trained on scikit-learn's digits, test accuracy {accuracy:.3f}")
     network = as_network(model, input_shape=64)
-    certs = _run_certify(network, list(METHODS), args.solver, True, args.json, args.verbose, seed=args.seed)
+    certs = _run_certify(network, None, args.solver, True, args.json, args.verbose, seed=args.seed)
     return 0 if all(c.certified for c in certs) else 2
 
 
@@ -81,9 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certify", help="certify a network file (.mat, .npz, .pt)")
     p.add_argument("path")
     p.add_argument("--method", default="lipsdp-neuron", choices=list(METHODS) + ["all"])
-    p.add_argument("--solver", default="auto", help="auto, clarabel, scs, mosek, sdpa")
-    p.add_argument("--norm", default="l2", choices=["l2"])
-    p.add_argument("--activation", default="relu", help="activation of weight-only files (default relu)")
+    p.add_argument("--solver", default="auto", help="auto, native, clarabel, scs, mosek, sdpa")
+    p.add_argument("--norm", default="l2", choices=list(NORMS))
+    p.add_argument("--output-index", type=int, default=None, help="output row bounded by --norm linf")
+    p.add_argument("--activation", default="relu",
+                   help="activation of weight-only files (default relu; maxmin for the QC paper's files)")
+    p.add_argument("--architecture", default="feedforward", choices=["feedforward", "residual"],
+                   help="layout of weight-only files (residual: the QC paper's resweights_* files)")
+    p.add_argument("--coupled", action="store_true", help="lipsdp-nsr: include the S and P multipliers")
     p.add_argument("--lower-bound", action="store_true", help="also compute a lower bound (attack)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.set_defaults(func=cmd_certify)

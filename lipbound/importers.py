@@ -21,7 +21,16 @@ from torch import nn
 
 from lipbound.activations import ActivationSpec
 from lipbound.errors import NetworkError, UnsupportedLayerError
-from lipbound.network import Affine, Network, SlopeRestricted
+from lipbound.network import (
+    Affine,
+    GroupSortLayer,
+    HouseholderLayer,
+    Network,
+    ResidualBlock,
+    SlopeRestricted,
+)
+
+GROUP_ACTIVATIONS = ("maxmin", "groupsort", "fullsort")
 
 log = logging.getLogger("lipbound")
 
@@ -62,6 +71,37 @@ _FUNCTION_ACTIVATIONS = {
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout)
 
 
+class _LipschitzTracer(torch.fx.Tracer):
+    """Keeps lipbound's (and deel-torchlip's) activation modules as leaves: their forward branches on shapes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from lipbound.nn import GroupSort, Householder
+
+        if isinstance(m, (GroupSort, Householder)) or type(m).__module__.startswith("deel.torchlip"):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _group_layer(module: nn.Module, width: int, name: str):
+    """GroupSort / Householder modules (lipbound.nn; deel-torchlip's when installed) -> IR layers (or None)."""
+    from lipbound.nn import GroupSort, Householder
+
+    if isinstance(module, GroupSort):
+        return [GroupSortLayer(width, module.group_size or width, name=name)]
+    if isinstance(module, Householder):
+        return [HouseholderLayer(module.group_vectors(width), name=name)]
+    kind = type(module).__name__
+    if type(module).__module__.startswith("deel.torchlip"):
+        if kind == "MaxMin":  # deel-torchlip's MaxMin is CReLU: cat(relu(x), relu(-x)) = ReLU o [I; -I]
+            eye = np.eye(width)
+            return [Affine(np.vstack([eye, -eye]), name=f"{name}_crelu_split"),
+                    SlopeRestricted(ActivationSpec("relu"), 2 * width, name=name)]
+        if kind in ("GroupSort", "GroupSort2", "FullSort"):
+            g = getattr(module, "group_size", None) or (2 if kind == "GroupSort2" else width)
+            return [GroupSortLayer(width, g, name=name)]
+    return None
+
+
 def from_torch(module: nn.Module, input_shape: Sequence[int] | int | None = None, name: str | None = None) -> Network:
     """Import an ``nn.Module`` (evaluated in eval mode) as a :class:`Network`.
 
@@ -95,7 +135,7 @@ def from_torch(module: nn.Module, input_shape: Sequence[int] | int | None = None
     was_training = module.training
     module.eval()
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        graph = _LipschitzTracer().trace(module)
     except Exception as exc:
         raise UnsupportedLayerError([(type(module).__name__, "untraceable forward")],
                                     f"torch.fx could not trace the model: {exc}") from exc
@@ -137,6 +177,12 @@ def from_torch(module: nn.Module, input_shape: Sequence[int] | int | None = None
                 width = sub.out_features
             elif isinstance(sub, _PASSTHROUGH):
                 dropped.append(f"{node.target} ({type(sub).__name__})")
+            elif (group := _group_layer(sub, width or 0, node.target)) is not None or _is_group_module(sub):
+                if width is None or group is None:
+                    unsupported.append((node.target, f"{type(sub).__name__} before any Linear layer"))
+                else:
+                    layers.extend(group)
+                    width = group[-1].width
             elif isinstance(sub, nn.Flatten):
                 if layers:
                     unsupported.append((node.target, "Flatten after the first layer"))
@@ -177,16 +223,38 @@ def from_torch(module: nn.Module, input_shape: Sequence[int] | int | None = None
     return network
 
 
+def _is_group_module(module: nn.Module) -> bool:
+    from lipbound.nn import GroupSort, Householder
+
+    return isinstance(module, (GroupSort, Householder))
+
+
+def _activation_layer(activation, width: int, name: str, activation_params: dict):
+    if isinstance(activation, str) and activation in GROUP_ACTIVATIONS:
+        g = {"maxmin": 2, "fullsort": width}.get(activation, activation_params.get("group_size"))
+        if g is None:
+            raise NetworkError("activation='groupsort' needs group_size=...")
+        return GroupSortLayer(width, g, name=name)
+    spec = activation if isinstance(activation, ActivationSpec) else ActivationSpec(activation, activation_params)
+    return SlopeRestricted(spec, width, name=name)
+
+
 def from_weights(weights: Sequence, activation: str | ActivationSpec = "relu", biases: Sequence | None = None,
-                 name: str = "network", **activation_params) -> Network:
-    """Build a network ``W_L phi(... phi(W_0 x + b_0) ...) + b_L`` from weight matrices (numpy or torch).
+                 name: str = "network", architecture: str = "feedforward", **activation_params) -> Network:
+    """Build a network from weight matrices (numpy or torch).
+
+    ``architecture="feedforward"``: ``W_L phi(... phi(W_0 x + b_0) ...) + b_L``.
+    ``architecture="residual"`` (the QC paper's ``resweights`` layout): ``x_1 = W_0 x``, then
+    ``x <- x + phi(W_i x)`` for the middle (square) matrices, then ``W_L x``.
 
     Parameters
     ----------
     weights : sequence of arrays, each (out, in)
     activation : str or ActivationSpec
-        The activation between consecutive weights (default ``"relu"``).
+        The activation (default ``"relu"``): any of :data:`lipbound.SUPPORTED_ACTIVATIONS`, or ``"maxmin"``,
+        ``"groupsort"`` (with ``group_size=``), ``"fullsort"``.
     biases : sequence of arrays, optional
+    architecture : {"feedforward", "residual"}
     **activation_params
         Parameters of the activation (e.g. ``negative_slope=0.1``).
 
@@ -196,26 +264,40 @@ def from_weights(weights: Sequence, activation: str | ActivationSpec = "relu", b
     >>> lipbound.from_weights([np.ones((3, 2)), np.ones((1, 3))]).dims
     (2, 3, 1)
     """
-    weights = list(weights)
+    weights = [w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w) for w in weights]
     if not weights:
         raise NetworkError("no weight matrices given: the network is empty.")
-    spec = activation if isinstance(activation, ActivationSpec) else ActivationSpec(activation, activation_params)
-    if biases is not None and len(biases) != len(weights):
-        raise NetworkError(f"got {len(biases)} biases for {len(weights)} weight matrices.")
-    layers: list = []
     for i, w in enumerate(weights):
-        if isinstance(w, torch.Tensor):
-            w = w.detach().cpu().numpy()
-        w = np.asarray(w)
         if w.ndim != 2:
             raise NetworkError(f"weight {i} must be 2-D (out, in), got shape {w.shape}.")
+    if biases is not None and len(biases) != len(weights):
+        raise NetworkError(f"got {len(biases)} biases for {len(weights)} weight matrices.")
+    act_name = activation.name if isinstance(activation, ActivationSpec) else activation
+
+    def bias(i):
+        return None if biases is None else biases[i]
+
+    if architecture == "residual":
+        if len(weights) < 2:
+            raise NetworkError("a residual network needs at least an input and an output matrix.")
+        layers: list = [Affine(weights[0], bias(0), name="linear_0")]
+        for i in range(1, len(weights) - 1):
+            inner = Affine(weights[i], bias(i), name=f"residual_{i}")
+            act = _activation_layer(activation, inner.out_dim, f"{act_name}_{i}", activation_params)
+            layers.append(ResidualBlock(inner, act, None, name=f"residual_{i}"))
+        layers.append(Affine(weights[-1], bias(len(weights) - 1), name=f"linear_{len(weights) - 1}"))
+        return Network.from_layers(layers, name)
+    if architecture != "feedforward":
+        raise NetworkError(f"unknown architecture {architecture!r}; use 'feedforward' or 'residual'.")
+    layers = []
+    for i, w in enumerate(weights):
         if i > 0:
-            layers.append(SlopeRestricted(spec, layers[-1].out_dim, name=f"{spec.name}_{i}"))
-        layers.append(Affine(w, None if biases is None else biases[i], name=f"linear_{i}"))
+            layers.append(_activation_layer(activation, layers[-1].out_dim, f"{act_name}_{i}", activation_params))
+        layers.append(Affine(w, bias(i), name=f"linear_{i}"))
     return Network(tuple(layers), name)
 
 
-def load(path: str | Path, activation: str = "relu", **activation_params) -> Network:
+def load(path: str | Path, activation: str = "relu", architecture: str = "feedforward", **activation_params) -> Network:
     """Load a network from a file.
 
     * ``.mat``: a cell array named ``weights`` or ``W`` of (out, in) matrices (LipSDP and QCs layout), optional
@@ -223,7 +305,8 @@ def load(path: str | Path, activation: str = "relu", **activation_params) -> Net
     * ``.npz``: arrays ``W0, W1, ...`` (or ``weights_0, ...``) and optional ``b0, b1, ...``;
     * ``.pt``/``.pth``: a whole saved ``nn.Module`` (``torch.save(model)``), imported with :func:`from_torch`.
 
-    ``activation`` names the activation of weight-only files.
+    ``activation`` names the activation of weight-only files (``"maxmin"`` for the QC paper's files) and
+    ``architecture`` their layout (``"residual"`` for its ``resweights_*`` files).
 
     Examples
     --------
@@ -246,7 +329,8 @@ def load(path: str | Path, activation: str = "relu", **activation_params) -> Net
         biases = None
         if bkey is not None:
             biases = [np.asarray(b, dtype=np.float64).ravel() for b in np.asarray(data[bkey], dtype=object).ravel()]
-        return from_weights(weights, activation, biases, name=path.stem, **activation_params)
+        return from_weights(weights, activation, biases, name=path.stem, architecture=architecture,
+                            **activation_params)
     if suffix == ".npz":
         data = np.load(path)
         def keyed(prefixes):
@@ -260,7 +344,8 @@ def load(path: str | Path, activation: str = "relu", **activation_params) -> Net
         if weights is None:
             raise NetworkError(f"{path}: expected arrays W0, W1, ... (found {data.files}).")
         biases = keyed(("b", "biases_"))
-        return from_weights(weights, activation, biases, name=path.stem, **activation_params)
+        return from_weights(weights, activation, biases, name=path.stem, architecture=architecture,
+                            **activation_params)
     if suffix in (".pt", ".pth"):
         obj = torch.load(path, map_location="cpu", weights_only=False)
         if isinstance(obj, nn.Module):

@@ -31,7 +31,8 @@ class Term:
     """Contribution ``L diag(coef @ y + const) R^T`` to block ``(row, col)`` (and its transpose).
 
     ``left``/``right`` are dense arrays of shape (n_row, p)/(n_col, p), or ``None`` for the identity
-    (then the block size equals p). For ``row == col``, ``left`` must equal ``right``.
+    (then the block size equals p). For ``row == col``, ``left`` must equal ``right`` unless
+    ``mirror`` is set, which adds ``L D R^T + R D L^T`` (a symmetric cross term inside one block).
     Entries of ``left``, ``right`` are exact data unless ``left_err``/``right_err`` (same shapes) give
     entrywise bounds on their distance to the exact factors (e.g. for products of weight matrices
     computed in floating point). Entries of ``coef`` and ``const`` may carry up to ``coef_ops``
@@ -47,6 +48,7 @@ class Term:
     coef_ops: int = 3
     left_err: np.ndarray | None = None
     right_err: np.ndarray | None = None
+    mirror: bool = False
 
     @property
     def rank(self) -> int:
@@ -109,7 +111,7 @@ class LMI:
             block = t.product(t.diagonal_values(y))
             rs, cs = slice(off[t.row], off[t.row + 1]), slice(off[t.col], off[t.col + 1])
             m[rs, cs] += block
-            if t.row != t.col:
+            if t.row != t.col or t.mirror:
                 m[cs, rs] += block.T
         return np.tril(m) + np.tril(m, -1).T
 
@@ -139,7 +141,8 @@ class LMI:
             # The bound itself is computed in floating point: inflate by a relative margin far above its
             # own rounding error (p * u), and add the smallest normal number against underflow.
             margin = 1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF
-            total += (gamma(k) * (lmax + lerr) * (rmax + rerr) + factor_part) * margin * margin + np.finfo(float).tiny
+            term_radius = (gamma(k) * (lmax + lerr) * (rmax + rerr) + factor_part) * margin * margin
+            total += term_radius * (2 if t.mirror else 1) + np.finfo(float).tiny
         return total * (1.0 + 1e-12)
 
     def vectorized(self, n_vars: int) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -163,7 +166,7 @@ class LMI:
                 ga = np.repeat(lk + off[t.row], rk.size)
                 gb = np.tile(rk + off[t.col], lk.size)
                 idx = [ga + gb * n]
-                if t.row != t.col:
+                if t.row != t.col or t.mirror:
                     idx.append(gb + ga * n)
                 start, end = coef.indptr[k], coef.indptr[k + 1]
                 for pos in idx:
@@ -185,6 +188,9 @@ class LMI:
 class Program:
     """``minimize objective @ y`` s.t. ``y[nonneg] >= 0`` and ``lmi(y) <= 0`` for every LMI.
 
+    ``rho_index`` names a variable that enters only as ``-rho_weight * rho * I`` on block ``rho_block`` of
+    LMI ``rho_lmi`` and with objective coefficient 1; the certificate re-optimises it by block elimination.
+
     The certified bound derived from a feasible-up-to-defect point is
     ``scale * g(objective @ y + sum_t delta_t * repair_weights[t])`` with ``g = sqrt`` (``output_map
     == "sqrt"``) or the identity (``"linear"``), where ``delta_t >= lambda_max(lmi_t(y))``; see
@@ -200,6 +206,8 @@ class Program:
     scale: float = 1.0
     rho_index: int | None = None
     rho_block: int | None = None
+    rho_lmi: int = 0
+    rho_weight: float = 1.0
     variables: tuple[tuple[str, slice], ...] = field(default_factory=tuple)
     name: str = "program"
 

@@ -110,7 +110,7 @@ def test_qr_reduction_and_scaling_do_not_change_the_bound():
     reduced = lipsdp(net)
     assert reduced.solve_program.lmis[0].size == 6 + 6 + 6 < full.solve_program.lmis[0].size
     a = lipbound.certify(net, solver="clarabel")
-    unscaled = lipsdp(net, exponents=(0, 0, 0), reduce_input=False)
+    unscaled = lipsdp(net, exponents=(0, 0, 0, 0), reduce_input=False)
     from lipbound.certificate import certify_multipliers
     from lipbound.solvers import get_solver
 
@@ -130,8 +130,10 @@ def test_bad_method_norm_solver():
     net = random_net([2, 3, 1])
     with pytest.raises(FormulationError, match="unknown method"):
         lipbound.certify(net, method="lipsdp-network")
-    with pytest.raises(FormulationError, match="norm 'linf'"):
-        lipbound.certify(net, norm="linf")
+    with pytest.raises(FormulationError, match="unknown norm 'l1'"):
+        lipbound.certify(net, norm="l1")
+    with pytest.raises(FormulationError, match="output_index"):
+        lipbound.certify(random_net([2, 3, 2]), norm="linf")
     with pytest.raises(SolverError, match="unknown solver"):
         lipbound.certify(net, solver="gurobi")
 

@@ -1,5 +1,8 @@
-"""Formulations: turn a :class:`~lipbound.network.Network` into an LMI :class:`~lipbound.program.Program`."""
+"""Formulations: turn a :class:`~lipbound.network.Network` into LMI :class:`~lipbound.program.Program` objects."""
 
-from lipbound.formulations.lipsdp import LipSDPProblem, lipsdp, product_bound
+from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound
+from lipbound.formulations.sdp import LipschitzProblem, lipschitz_problem
+from lipbound.formulations.signal import SignalModel, signal_model
 
-__all__ = ["LipSDPProblem", "lipsdp", "product_bound"]
+__all__ = ["LipschitzProblem", "SignalModel", "lipschitz_problem", "lipsdp", "lipsdp_nsr", "lipsdp_rr",
+           "product_bound", "signal_model"]

@@ -29,21 +29,26 @@ def get_solver(name: str):
     from lipbound.solvers.cvxpy_backend import CvxpySolver
 
     key = name.lower()
+    if key == "native":
+        from lipbound.solvers.native import NativeSolver
+
+        return NativeSolver()
     if key in CvxpySolver.NAMES:
         return CvxpySolver(key)
     raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)} or 'auto'.")
 
 
-SOLVERS = ("clarabel", "scs", "mosek", "sdpa")
+SOLVERS = ("clarabel", "scs", "mosek", "sdpa", "native")
 
 
 def available_solvers() -> list[str]:
-    """Solvers usable on this machine (installed; MOSEK also needs a licence, checked at solve time)."""
+    """Solvers usable on this machine (installed; MOSEK needs a licence, checked at solve time; ``native`` always)."""
     import cvxpy as cp
 
     installed = set(cp.installed_solvers())
     names = {"clarabel": "CLARABEL", "scs": "SCS", "mosek": "MOSEK", "sdpa": "SDPA"}
-    return [k for k, v in names.items() if v in installed]
+    # The native solver needs only torch, a hard dependency: it is always available.
+    return [k for k, v in names.items() if v in installed] + ["native"]
 
 
 # Clarabel keeps a dense (N(N+1)/2)^2 block per PSD cone of size N: measured here (2 cores), N = 62
