@@ -78,6 +78,16 @@ def cmd_demo(args) -> int:
     return 0 if all(c.certified for c in certs) else 2
 
 
+def cmd_bench(args) -> int:
+    from lipbound.bench import run_suite
+
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    solvers = args.solvers.split(",") if args.solvers else None
+    run_suite(args.suite, args.out, solvers, sizes, args.timeout, args.device)
+    print(f"wrote {args.out}/{args.suite}.json and {args.suite}.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipbound", description="Certified Lipschitz bounds of neural networks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show solver output")
@@ -97,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower-bound", action="store_true", help="also compute a lower bound (attack)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.set_defaults(func=cmd_certify)
+
+    b = sub.add_parser("bench", help="run methods/solvers side by side on a suite; writes JSON and a plot")
+    b.add_argument("suite", choices=["random", "deep", "qc"])
+    b.add_argument("--out", default="bench_out")
+    b.add_argument("--sizes", default=None, help="comma-separated widths (random: n of 784-n-n-10)")
+    b.add_argument("--solvers", default=None, help="comma-separated solvers/methods to run (default: all)")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per run (each in its own process)")
+    b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train a small MLP on sklearn digits (no download) and certify it")
     d.add_argument("--solver", default="auto")

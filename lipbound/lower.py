@@ -69,7 +69,10 @@ def _top_singular(f, x: torch.Tensor, v: torch.Tensor, iters: int) -> tuple[torc
     for _ in range(iters):
         _, jv = jvp(f, (x,), (v,))
         (jtjv,) = pullback(jv)
-        v = jtjv / jtjv.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        norm = jtjv.norm(dim=1, keepdim=True)
+        # Keep the previous direction where J^T J v vanishes (underflow or an exact null direction).
+        v = torch.where(norm > 0, jtjv / torch.where(norm > 0, norm, torch.ones_like(norm)), v)
+    v = v / v.norm(dim=1, keepdim=True)
     _, jv = jvp(f, (x,), (v,))
     return jv.norm(dim=1), v
 

@@ -208,20 +208,21 @@ def test_torch_modules_import_with_their_semantics():
 def test_paper_2fc_nets_nsr_below_mp():
     for w in (16, 32):
         net = lipbound.load(shared_file(f"qcs_maxmin/weights_l2_2fc_{w}.mat"), activation="maxmin")
-        nsr = certify(net, solver="scs")
+        nsr = certify(net, solver="native")
         assert nsr.upper_bound <= lipbound.certify(net, method="mp").upper_bound
+        assert certify(net, solver="native", coupled=True).upper_bound <= nsr.upper_bound * (1 + 1e-6)
 
 
 def test_paper_18fc_32_values():
     net = lipbound.load(shared_file("qcs_maxmin/weights_l2_18fc_32.mat"), activation="maxmin")
     assert lipbound.certify(net, method="mp").upper_bound == pytest.approx(73405, rel=1e-3)
-    nsr = certify(net, solver="scs")
+    nsr = certify(net, solver="native")
     assert nsr.upper_bound == pytest.approx(17432, rel=1e-3)
 
 
 def test_paper_resweights_5_32_beats_the_authors_formulation():
     net = lipbound.load(shared_file("qcs_maxmin/resweights_5_32.mat"), activation="maxmin", architecture="residual")
     assert net.dims == (784, 32, 32, 32, 10)
-    cert = certify(net, solver="scs")
+    cert = certify(net, solver="native")
     assert cert.upper_bound <= 33.04
     assert cert.upper_bound >= lipbound.lower_bound(net, n_starts=16, steps=10).value
