@@ -11,6 +11,7 @@ True
 
 from lipbound.activations import SUPPORTED_ACTIVATIONS, ActivationSpec
 from lipbound.api import METHODS, Verification, certify, certify_all, verify_certificate
+from lipbound.bounds import Ball, Box, DomainError, activation_bounds, local_slopes, stable_neurons
 from lipbound.certificate import Certificate
 from lipbound.errors import (
     CertificationError,
@@ -27,6 +28,7 @@ from lipbound.network import Affine, Network, SlopeRestricted
 __version__ = "0.1.0"
 
 __all__ = [
+    "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
     "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "SlopeRestricted", "SolverError",
     "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_torch", "from_weights", "load",

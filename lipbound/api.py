@@ -61,9 +61,42 @@ def build_problem(network: Network, method: str, norm: str = "l2", output_index:
     raise FormulationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
+def domain_to_dict(domain) -> dict | None:
+    """JSON form of a :class:`~lipbound.bounds.Box` / :class:`~lipbound.bounds.Ball` (stored in certificates)."""
+    from lipbound.bounds import Ball, Box
+
+    if domain is None:
+        return None
+    if isinstance(domain, Box):
+        return {"type": "box", "lower": domain.lower.tolist(), "upper": domain.upper.tolist()}
+    if isinstance(domain, Ball):
+        return {"type": "ball", "center": domain.center.tolist(), "radius": float(domain.radius), "norm": domain.norm}
+    raise TypeError(f"domain must be a lipbound.Box or lipbound.Ball, got {type(domain).__name__}.")
+
+
+def domain_from_dict(data: dict | None):
+    from lipbound.bounds import Ball, Box
+
+    if not data:
+        return None
+    if data["type"] == "box":
+        return Box(np.array(data["lower"]), np.array(data["upper"]))
+    return Ball(np.array(data["center"]), data["radius"], data.get("norm", "l2"))
+
+
+def localise(network: Network, domain, bounds_method: str = "crown") -> Network:
+    """The network with per-neuron slopes narrowed to ``domain`` (identity when ``domain`` is None)."""
+    if domain is None:
+        return network
+    from lipbound.bounds import local_slopes
+
+    return local_slopes(network, domain, bounds_method)
+
+
 def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str = "auto",
             input_shape=None, activation: str = "relu", output_index: int | None = None, coupled: bool = False,
-            polish: bool = True, verbose: bool = False, **solver_options) -> Certificate:
+            domain=None, bounds_method: str = "crown", polish: bool = True, verbose: bool = False,
+            **solver_options) -> Certificate:
     """Certified upper bound on the Lipschitz constant of ``model``.
 
     Parameters
@@ -86,6 +119,10 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         The output row bounded by ``norm="linf"`` (required when there are several outputs).
     coupled : bool
         ``lipsdp-nsr`` only: include the S and P multipliers (the full QC) instead of S = P = 0.
+    domain : lipbound.Box or lipbound.Ball, optional
+        Certify the Lipschitz constant on this region only (a local bound): rigorous pre-activation bounds
+        (``bounds_method``: ``"crown"`` or ``"ibp"``) give per-neuron slope ranges (stably inactive ReLUs get
+        slope 0, stably active ones 1), which replace the global ones. The region is stored in the certificate.
     polish : bool
         Re-optimise ``rho`` for the solver's multipliers before checking (never loosens the bound).
     **solver_options
@@ -110,7 +147,9 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     start = time.perf_counter()
     network = as_network(model, input_shape, activation)
     sizes = {"dims": list(network.dims), "n_hidden": network.n_hidden}
-    options = {"output_index": output_index, "coupled": coupled}
+    options = {"output_index": output_index, "coupled": coupled, "domain": domain_to_dict(domain),
+               "bounds_method": bounds_method}
+    network = localise(network, domain, bounds_method)
     if method == "mp":
         bound, estimate = product_bound(network, norm, output_index)
         return Certificate(bound, True, estimate, method, "closed-form", norm, "closed_form",
@@ -121,7 +160,8 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     solver_name = choose_solver(problem.solve_program) if solver == "auto" else solver.lower()
     result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)
     t_solve = time.perf_counter() - start - t_form
-    report, y, raw = certify_multipliers(problem.program, result.y, polish=polish)
+    device = solver_options.get("device") if solver_name == "native" else None
+    report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device)
     sizes.update(problem.program.sizes)
     sizes["solve_lmi_sizes"] = [lmi.size for lmi in problem.solve_program.lmis]
     timings = {"formulate_s": t_form, "solve_s": t_solve, "check_s": time.perf_counter() - start - t_form - t_solve}
@@ -170,6 +210,7 @@ def verify_certificate(certificate: Certificate, model, input_shape=None, activa
     if not certificate.certified or certificate.upper_bound is None:
         return Verification(False, None, "the certificate does not claim a certified bound")
     opts = certificate.options or {}
+    network = localise(network, domain_from_dict(opts.get("domain")), opts.get("bounds_method", "crown"))
     if certificate.method == "mp":
         bound, _ = product_bound(network, certificate.norm, opts.get("output_index"))
     else:

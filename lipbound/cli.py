@@ -41,14 +41,31 @@ def _json_record(c: Certificate) -> dict:
     return record
 
 
+def _domain(args):
+    """The region given by --center/--radius (or None)."""
+    if getattr(args, "center", None) is None:
+        if getattr(args, "radius", None) is not None:
+            raise LipboundError("--radius needs --center (a .npy file with the input point).")
+        return None
+    import numpy as np
+
+    from lipbound.bounds import Ball
+
+    if args.radius is None:
+        raise LipboundError("--center needs --radius.")
+    return Ball(np.load(args.center).reshape(-1), args.radius, norm=args.ball_norm or args.norm)
+
+
 def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=0, norm="l2", output_index=None,
-                 coupled=False) -> list[Certificate]:
+                 coupled=False, domain=None) -> list[Certificate]:
     certs = certify_all(network, methods=methods, solver=solver, verbose=verbose, norm=norm,
-                        output_index=output_index, coupled=coupled)
+                        output_index=output_index, coupled=coupled, domain=domain)
+    if domain is not None:
+        print(f"local bounds on the {domain.norm} ball of radius {domain.radius:g} around the given center")
     if want_lower and norm != "l2":
         print("lower bound: only for the l2 norm; skipped")
     elif want_lower:
-        lb = lower_bound(network, seed=seed)
+        lb = lower_bound(network, seed=seed, domain=domain)
         certs = [c.with_lower_bound(lb.value) for c in certs]
         print(f"lower bound {lb.value:.6g} ({lb.kind}, {lb.time_s:.2f} s on {lb.device})")
     print(format_table(certs))
@@ -64,7 +81,7 @@ def cmd_certify(args) -> int:
     print(network.summary())
     methods = None if args.method == "all" else [args.method]
     certs = _run_certify(network, methods, args.solver, args.lower_bound, args.json, args.verbose, norm=args.norm,
-                         output_index=args.output_index, coupled=args.coupled)
+                         output_index=args.output_index, coupled=args.coupled, domain=_domain(args))
     return 0 if all(c.certified for c in certs) else 2
 
 
@@ -78,6 +95,25 @@ def cmd_demo(args) -> int:
     return 0 if all(c.certified for c in certs) else 2
 
 
+def cmd_bounds(args) -> int:
+    from lipbound.bounds import activation_bounds, stable_neurons
+
+    network = as_network(args.path, activation=args.activation, architecture=args.architecture)
+    domain = _domain(args)
+    if domain is None:
+        raise LipboundError("lipbound bounds needs --center and --radius.")
+    bounds = activation_bounds(network, domain, method=args.method)
+    stable = stable_neurons(bounds)
+    print(network.summary())
+    print(f"{'layer':<24}{'neurons':>8}{'min lower':>14}{'max upper':>14}{'mean width':>12}{'inactive':>10}"
+          f"{'active':>8}")
+    for name, (lo, hi) in bounds.items():
+        inactive, active, total = stable.get(name, (0, 0, lo.size))
+        print(f"{name:<24}{lo.size:>8}{lo.min():>14.5g}{hi.max():>14.5g}{(hi - lo).mean():>12.4g}{inactive:>10}"
+              f"{active:>8}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lipbound.bench import run_suite
 
@@ -86,6 +122,12 @@ def cmd_bench(args) -> int:
     run_suite(args.suite, args.out, solvers, sizes, args.timeout, args.device)
     print(f"wrote {args.out}/{args.suite}.json and {args.suite}.png")
     return 0
+
+
+def _region_args(p) -> None:
+    p.add_argument("--center", default=None, help=".npy file with the input point (local certificate)")
+    p.add_argument("--radius", type=float, default=None, help="radius of the ball around --center")
+    p.add_argument("--ball-norm", default=None, choices=list(NORMS), help="norm of the ball (default: --norm)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", default="feedforward", choices=["feedforward", "residual"],
                    help="layout of weight-only files (residual: the QC paper's resweights_* files)")
     p.add_argument("--coupled", action="store_true", help="lipsdp-nsr: include the S and P multipliers")
+    _region_args(p)
     p.add_argument("--lower-bound", action="store_true", help="also compute a lower bound (attack)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.set_defaults(func=cmd_certify)
+
+    bd = sub.add_parser("bounds", help="pre-activation ranges and stable neurons on a ball around an input")
+    bd.add_argument("path")
+    bd.add_argument("--activation", default="relu")
+    bd.add_argument("--architecture", default="feedforward", choices=["feedforward", "residual"])
+    bd.add_argument("--method", default="crown", choices=["crown", "ibp"])
+    bd.add_argument("--norm", default="l2", choices=list(NORMS), help="norm of the ball")
+    _region_args(bd)
+    bd.set_defaults(func=cmd_bounds)
 
     b = sub.add_parser("bench", help="run methods/solvers side by side on a suite; writes JSON and a plot")
     b.add_argument("suite", choices=["random", "deep", "qc"])

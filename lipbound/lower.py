@@ -79,7 +79,7 @@ def _top_singular(f, x: torch.Tensor, v: torch.Tensor, iters: int) -> tuple[torc
 
 def lower_bound(model, input_shape=None, n_starts: int = 64, steps: int = 60, power_iters: int = 20,
                 scales: tuple[float, ...] = (0.1, 1.0, 10.0), seed: int = 0, device: str | None = None,
-                center=None, radius: float | None = None) -> LowerBound:
+                center=None, radius: float | None = None, domain=None) -> LowerBound:
     """Multi-start gradient ascent on ``||J(x)||_2`` plus pair ratios, in torch (CUDA when available).
 
     Parameters
@@ -93,6 +93,8 @@ def lower_bound(model, input_shape=None, n_starts: int = 64, steps: int = 60, po
         Standard deviations of the Gaussian starting points (global search), cycled over the starts.
     center, radius : optional
         Restrict the search to the l2 ball of this centre and radius (local lower bound).
+    domain : lipbound.Box or lipbound.Ball, optional
+        Restrict the search to this region instead (l2 or l-infinity balls, boxes).
     device : str, optional
         ``"cuda"`` when available, else ``"cpu"``.
 
@@ -105,18 +107,31 @@ def lower_bound(model, input_shape=None, n_starts: int = 64, steps: int = 60, po
     """
     start = time.perf_counter()
     net = _as_network(model, input_shape)
+    box = None
+    if domain is not None:
+        from lipbound.bounds import Ball
+
+        if isinstance(domain, Ball) and domain.norm == "l2":
+            center, radius = domain.center, float(domain.radius)
+        else:
+            lo, hi = (domain.center - domain.radius, domain.center + domain.radius) if isinstance(domain, Ball) \
+                else (domain.lower, domain.upper)
+            box = (torch.as_tensor(np.asarray(lo, dtype=np.float64)), torch.as_tensor(np.asarray(hi, dtype=np.float64)))
+            center, radius = (box[0] + box[1]).numpy() / 2, float(np.max(np.asarray(hi) - np.asarray(lo)) / 2)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n0 = net.input_dim
     f = net.forward
     if center is not None:
-        c = torch.as_tensor(np.asarray(center, dtype=np.float64).reshape(1, n0))
+        c = torch.tensor(np.array(center, dtype=np.float64).reshape(1, n0))
         x = c + radius * torch.randn(n_starts, n0, generator=gen, dtype=torch.float64) / np.sqrt(n0)
     else:
         sc = torch.tensor([scales[i % len(scales)] for i in range(n_starts)], dtype=torch.float64)
         x = sc[:, None] * torch.randn(n_starts, n0, generator=gen, dtype=torch.float64)
 
     def project(z):
+        if box is not None:
+            return torch.minimum(torch.maximum(z, box[0].to(z.device)), box[1].to(z.device))
         if center is None:
             return z
         cc = c.to(device)

@@ -22,11 +22,11 @@ from lipbound.activations import ActivationSpec
 from lipbound.errors import NetworkError
 
 
-def _frozen_float64(array, what: str) -> np.ndarray:
+def _frozen_float64(array, what: str, allow_inf: bool = False) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     out = np.array(array, dtype=np.float64, copy=True)
-    if not np.all(np.isfinite(out)):
+    if not np.all(~np.isnan(out) if allow_inf else np.isfinite(out)):
         bad = np.argwhere(~np.isfinite(out))[0]
         raise NetworkError(f"{what} contains NaN or inf (first at index {tuple(int(i) for i in bad)}).")
     out.setflags(write=False)
@@ -108,11 +108,15 @@ class SlopeRestricted:
             raise NetworkError(f"activation '{self.name}' must have a positive width, got {self.width}.")
         object.__setattr__(self, "width", int(self.width))
         if self.alpha is None or self.beta is None:
-            lo, hi = self.activation.slope_range()
+            try:
+                lo, hi = self.activation.slope_range()
+            except NetworkError:
+                # Only locally slope-bounded (e.g. PolyReLU of degree >= 2): infinite until a domain narrows it.
+                lo, hi = -np.inf, np.inf
         alpha = np.full(self.width, lo) if self.alpha is None else self.alpha
         beta = np.full(self.width, hi) if self.beta is None else self.beta
-        alpha = _frozen_float64(alpha, f"alpha of activation '{self.name}'").reshape(-1)
-        beta = _frozen_float64(beta, f"beta of activation '{self.name}'").reshape(-1)
+        alpha = _frozen_float64(alpha, f"alpha of activation '{self.name}'", allow_inf=True).reshape(-1)
+        beta = _frozen_float64(beta, f"beta of activation '{self.name}'", allow_inf=True).reshape(-1)
         for arr, what in ((alpha, "alpha"), (beta, "beta")):
             if arr.shape != (self.width,):
                 raise NetworkError(f"{what} of activation '{self.name}' has shape {arr.shape}, "
@@ -351,9 +355,19 @@ class ImplicitLayer:
 
 
 def max_slope(layer) -> float:
-    """Largest |difference quotient| of an activation layer (1 for GroupSort/Householder)."""
+    """Largest |difference quotient| of an activation layer (1 for GroupSort/Householder).
+
+    Raises
+    ------
+    NetworkError
+        For an activation that is only locally slope-bounded and has no finite slope range yet.
+    """
     if isinstance(layer, SlopeRestricted):
-        return float(np.max(np.maximum(np.abs(layer.alpha), np.abs(layer.beta))))
+        s = float(np.max(np.maximum(np.abs(layer.alpha), np.abs(layer.beta))))
+        if not np.isfinite(s):
+            raise NetworkError(f"activation '{layer.name}' ({layer.activation.describe()}) has no global slope bound; "
+                               "certify it on a region (domain=Box(...) or Ball(...)).")
+        return s
     return 1.0
 
 

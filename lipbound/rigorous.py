@@ -52,7 +52,30 @@ def exact_sum(values) -> Fraction:
     return sum((Fraction(float(v)) for v in values), Fraction(0))
 
 
-def rump_positive_definite(a: np.ndarray, radius: float = 0.0) -> bool:
+def _cholesky_succeeds(a: np.ndarray, device: str | None) -> bool:
+    """Whether floating-point Cholesky of ``a`` runs to completion with finite positive pivots.
+
+    On CUDA this uses cuSOLVER through torch: IEEE binary64 with round-to-nearest and FMA, covered by the same
+    ``gamma_k`` analysis as LAPACK (any summation order), with the doubled constant of Rump's test.
+    """
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        t = torch.as_tensor(a, dtype=torch.float64, device=device)
+        factor, info = torch.linalg.cholesky_ex(t)
+        if int(info) != 0:
+            return False
+        d = torch.diagonal(factor)
+        return bool(torch.all(torch.isfinite(d)) and torch.all(d > 0))
+    try:
+        factor = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return False
+    d = np.diag(factor)
+    return bool(np.all(np.isfinite(d)) and np.all(d > 0))
+
+
+def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | None = None) -> bool:
     """Prove that every symmetric matrix within ``radius`` (entrywise) of ``a`` is positive definite.
 
     Rump's test (BIT 2006, constants of Rump & Jeannerod 2014; formalised in ValidSDP,
@@ -98,26 +121,26 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0) -> bool:
         return False
     shifted = a.copy()
     np.fill_diagonal(shifted, shifted_diag)
-    try:
-        factor = scipy.linalg.cholesky(shifted, lower=True, overwrite_a=True, check_finite=False)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return False
-    d = np.diag(factor)
-    return bool(np.all(np.isfinite(d)) and np.all(d > 0))
+    return _cholesky_succeeds(shifted, device)
 
 
-def largest_eigenvalue(m: np.ndarray) -> float:
-    """Floating-point estimate of the largest eigenvalue of a symmetric matrix (not rigorous)."""
+def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
+    """Floating-point estimate of the largest eigenvalue of a symmetric matrix (not rigorous: it only seeds the
+    rigorous search for ``delta`` and is reported as the solver's eigenvalue defect)."""
     n = m.shape[0]
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return float(torch.linalg.eigvalsh(torch.as_tensor(m, dtype=torch.float64, device=device))[-1])
     if n <= 3000:
         return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
     from scipy.sparse.linalg import eigsh
 
-    return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-10)[0])
+    return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-6)[0])
 
 
 def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float | None = None,
-                                 tries: int = 10) -> float:
+                                 tries: int = 10, device: str | None = None) -> float:
     """A rigorous ``delta >= 0`` with ``M <= delta I`` for every symmetric ``M`` within ``radius`` of ``m``.
 
     Starts from a floating-point estimate of ``lambda_max(m)`` plus the predicted Rump shift and
@@ -129,7 +152,7 @@ def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float |
         If no ``delta`` could be proved (non-finite input).
     """
     n = m.shape[0]
-    lam = largest_eigenvalue(m) if estimate is None else estimate
+    lam = largest_eigenvalue(m, device) if estimate is None else estimate
     if not math.isfinite(lam):
         raise ArithmeticError("the LMI matrix has non-finite entries or eigenvalues.")
     diag_abs = float(np.sum(np.abs(np.diag(m))))
@@ -147,7 +170,7 @@ def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float |
         a[np.diag_indices(n)] += delta
         # Subtracting from the diagonal rounds once per entry: widen the radius by u |a_ii|.
         r = radius + UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(a)))) * (1 + 4 * UNIT_ROUNDOFF)
-        if rump_positive_definite(a, round_up(Fraction(r))):
+        if rump_positive_definite(a, round_up(Fraction(r)), device):
             return delta
     raise ArithmeticError(f"could not prove M <= delta I for any tried delta (lambda_max estimate {lam:.3e}).")
 

@@ -77,6 +77,9 @@ def _rows(n_rows: int, columns: list[tuple[np.ndarray, np.ndarray]], n_vars: int
 def layer_qc(layer, offsets: list[int], n_vars: int, slope_mode: str, coupled: bool) -> LayerQC:
     """The QC pieces of ``layer`` whose multiplier blocks start at ``offsets`` (as from :func:`variables`)."""
     if isinstance(layer, SlopeRestricted):
+        if not (np.all(np.isfinite(layer.alpha)) and np.all(np.isfinite(layer.beta))):
+            raise FormulationError(f"activation '{layer.name}' ({layer.activation.describe()}) has no global slope "
+                                   "bound; certify it on a region (domain=Box(...) or Ball(...)).")
         n = layer.width
         var = offsets[0] + (np.arange(n) if slope_mode == "neuron" else np.zeros(n, int))
         ab, s = layer.alpha * layer.beta, layer.alpha + layer.beta
