@@ -54,6 +54,10 @@ def _activation_of_module(module: nn.Module) -> ActivationSpec | None:
                                         "use threshold >= 50 (torch's default is 20; the linearisation error "
                                         "there is below 2e-9 but nonzero).")
         return ActivationSpec("softplus", {"beta": float(module.beta)})
+    from lipbound.nn import PolyReLU
+
+    if isinstance(module, PolyReLU):
+        return ActivationSpec("polyrelu", {"coefficients": tuple(float(a) for a in module.coefficients())})
     if isinstance(module, nn.GELU) and module.approximate == "none":
         return ActivationSpec("gelu")
     if isinstance(module, nn.SiLU):
@@ -75,9 +79,11 @@ class _LipschitzTracer(torch.fx.Tracer):
     """Keeps lipbound's (and deel-torchlip's) activation modules as leaves: their forward branches on shapes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from lipbound.nn import GroupSort, Householder
+        from lipbound.nn import GroupSort, Householder, PolyNorm, PolyReLU
 
-        if isinstance(m, (GroupSort, Householder)) or type(m).__module__.startswith("deel.torchlip"):
+        if isinstance(m, (GroupSort, Householder, PolyReLU, PolyNorm)):
+            return True
+        if type(m).__module__.startswith("deel.torchlip"):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -106,7 +112,9 @@ def from_torch(module: nn.Module, input_shape: Sequence[int] | int | None = None
     """Import an ``nn.Module`` (evaluated in eval mode) as a :class:`Network`.
 
     Supported: ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``ELU``, ``Softplus``,
-    ``GELU``, ``SiLU``, ``Mish``, ``Flatten``, ``Identity``, ``Dropout`` (eval), in any chain traced by
+    ``GELU``, ``SiLU``, ``Mish``, ``Flatten``, ``Identity``, ``Dropout`` (eval), ``lipbound.nn``'s
+    ``GroupSort``/``MaxMin``/``Householder``/``PolyReLU`` (and deel-torchlip's GroupSort/MaxMin when installed),
+    in any chain traced by
     ``torch.fx`` (``nn.Sequential`` or a ``forward`` that calls them in sequence; ``torch.relu``
     style functional calls work too).
 
