@@ -23,11 +23,20 @@ from lipbound.errors import (
 )
 from lipbound.importers import from_torch, from_weights, load
 from lipbound.lower import LowerBound, lower_bound
-from lipbound.network import Affine, Network, SlopeRestricted
+from lipbound.network import (
+    Affine,
+    GroupSortLayer,
+    HouseholderLayer,
+    ImplicitLayer,
+    Network,
+    ResidualBlock,
+    SlopeRestricted,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupSortLayer", "HouseholderLayer", "ImplicitLayer", "ResidualBlock",
     "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
     "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "SlopeRestricted", "SolverError",
