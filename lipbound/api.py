@@ -161,7 +161,8 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)
     t_solve = time.perf_counter() - start - t_form
     device = solver_options.get("device") if solver_name == "native" else None
-    report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device)
+    report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device,
+                                         solve_program=problem.solve_program)
     sizes.update(problem.program.sizes)
     sizes["solve_lmi_sizes"] = [lmi.size for lmi in problem.solve_program.lmis]
     timings = {"formulate_s": t_form, "solve_s": t_solve, "check_s": time.perf_counter() - start - t_form - t_solve}

@@ -134,24 +134,27 @@ def optimal_rho(program: Program, y: np.ndarray) -> float | None:
         v = scipy.linalg.solve_triangular(c, yb, lower=True, check_finite=False)
         s = x + v.T @ v
     s = (s + s.T) / 2
-    return max(float(scipy.linalg.eigvalsh(s)[-1]) / program.rho_weight, 0.0)
+    top = scipy.linalg.eigh(s, eigvals_only=True, subset_by_index=[s.shape[0] - 1, s.shape[0] - 1])[0]
+    return max(float(top) / program.rho_weight, 0.0)
 
 
-def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True,
-                        device: str | None = None) -> tuple[CheckReport, np.ndarray, CheckReport]:
+def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, device: str | None = None,
+                        solve_program: Program | None = None) -> tuple[CheckReport, np.ndarray, CheckReport]:
     """Clip, optionally re-optimise ``rho``, check.
 
     Returns the best report, the multipliers it used, and a report on the solver's raw (clipped) point whose
     ``eigen_defects`` show how infeasible the solver's answer was. The raw point is checked rigorously only
     when the re-optimised one is unavailable or fails (re-optimising ``rho`` cannot loosen the bound by more
-    than the repair it saves, and the full check of a large LMI is the expensive step).
+    than the repair it saves, and the full check of a large LMI is the expensive step). The reported eigenvalue
+    defects are those of ``solve_program`` (the program the solver saw) when given.
     """
     y = program.clip(y)
-    defects = tuple(largest_eigenvalue(lmi.assemble(y), device) for lmi in program.lmis)
+    defects = tuple(largest_eigenvalue(lmi.assemble(y), device) for lmi in (solve_program or program).lmis)
     raw = CheckReport(False, None, float(program.objective @ y), (), defects, tuple(program.repair_weights),
                       reason="not checked")
     if polish and program.rho_index is not None:
-        rho = optimal_rho(program, y)
+        # The reduced program has the same optimal rho for given multipliers and a much smaller rho block.
+        rho = optimal_rho(solve_program or program, y)
         if rho is not None:
             y2 = y.copy()
             y2[program.rho_index] = rho
