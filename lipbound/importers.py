@@ -105,6 +105,18 @@ def _group_layer(module: nn.Module, width: int, name: str):
         if kind in ("GroupSort", "GroupSort2", "FullSort"):
             g = getattr(module, "group_size", None) or (2 if kind == "GroupSort2" else width)
             return [GroupSortLayer(width, g, name=name)]
+        if kind == "HouseHolder":
+            # Pairs channel i with i + C/2; reflects (x, y) when x sin(t/2) - y cos(t/2) > 0 by
+            # [[cos t, sin t], [sin t, -cos t]] = I - 2 u u^T, u = (sin(t/2), -cos(t/2)). With v = -u this is our
+            # Householder (identity iff v^T z > 0; both branches agree on v^T z = 0) on interleaved pairs.
+            theta = module.theta.detach().cpu().double().numpy().reshape(-1)
+            half = width // 2
+            perm = np.zeros((width, width))
+            perm[2 * np.arange(half), np.arange(half)] = 1.0
+            perm[2 * np.arange(half) + 1, half + np.arange(half)] = 1.0
+            vectors = np.stack([-np.sin(theta / 2), np.cos(theta / 2)], axis=1)
+            return [Affine(perm, name=f"{name}_interleave"), HouseholderLayer(vectors, name=name),
+                    Affine(perm.T, name=f"{name}_deinterleave")]
     return None
 
 
@@ -190,7 +202,7 @@ def from_torch(module: nn.Module, input_shape: Sequence[int] | int | None = None
                     unsupported.append((node.target, f"{type(sub).__name__} before any Linear layer"))
                 else:
                     layers.extend(group)
-                    width = group[-1].width
+                    width = group[-1].out_dim
             elif isinstance(sub, nn.Flatten):
                 if layers:
                     unsupported.append((node.target, "Flatten after the first layer"))

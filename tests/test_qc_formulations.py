@@ -226,3 +226,19 @@ def test_paper_resweights_5_32_beats_the_authors_formulation():
     cert = certify(net, solver="native")
     assert cert.upper_bound <= 33.04
     assert cert.upper_bound >= lipbound.lower_bound(net, n_starts=16, steps=10).value
+
+
+def test_deel_torchlip_modules_keep_their_semantics():
+    torchlip = pytest.importorskip("deel.torchlip", reason="deel-torchlip is not installed (optional)")
+    from torch import nn
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), torchlip.GroupSort2(), nn.Linear(4, 4), torchlip.MaxMin(),
+                          nn.Linear(8, 6), torchlip.HouseHolder(6, theta_initializer="normal"),
+                          nn.Linear(6, 2)).double()
+    net = lipbound.from_torch(model, input_shape=3)
+    x = torch.randn(50, 3, dtype=torch.float64)
+    with torch.no_grad():
+        np.testing.assert_allclose(net(x).numpy(), model(x).numpy(), atol=1e-12)
+    cert = certify(net)
+    assert cert.upper_bound >= lipbound.lower_bound(net, n_starts=16, steps=10).value
