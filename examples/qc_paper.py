@@ -5,7 +5,7 @@ For the 13 ``weights_l2_*`` MaxMin networks and the 5 ``resweights_*`` residual 
 in l-infinity for logit 8, and a lower bound; each run in its own process with a time limit. Prints a table,
 writes ``results.csv``/``results.json`` and ``ratios.png`` (bound / lower bound per network and method).
 
-    python examples/qc_paper.py --out qc_paper_out [--solver native] [--timeout 300] [--only 2fc]
+    python examples/qc_paper.py --out qc_paper_out [--solver native] [--device cuda] [--timeout 300] [--only 2fc]
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qcs_maxmin"
 LOGIT = 8
 
 
-def networks(only: str | None) -> list[NetSpec]:
+def networks(data: Path, only: str | None) -> list[NetSpec]:
     specs = []
-    for path in sorted(DATA.glob("weights_l2_*.mat"), key=lambda p: (int(p.stem.split("_")[2][:-2]),
+    for path in sorted(data.glob("weights_l2_*.mat"), key=lambda p: (int(p.stem.split("_")[2][:-2]),
                                                                       int(p.stem.split("_")[3]))):
         specs.append(NetSpec(path.stem, "file", str(path), activation="maxmin"))
-    for path in sorted(DATA.glob("resweights_*.mat")):
+    for path in sorted(data.glob("resweights_*.mat")):
         specs.append(NetSpec(path.stem, "file", str(path), activation="maxmin", architecture="residual"))
     return [s for s in specs if only is None or only in s.label]
 
@@ -37,10 +37,14 @@ def main() -> int:
     parser.add_argument("--solver", default="auto")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--only", default=None, help="substring filter on network names")
-    parser.add_argument("--skip", default="", help="comma-separated runs to skip, e.g. rr,linf")
+    parser.add_argument("--skip", default="", help="comma-separated runs to skip: rr, nsr, nsr-coupled, mp-l2, "
+                                                   "mp-linf, linf, lb")
+    parser.add_argument("--device", default=None, help="device of the native solver (cpu, cuda)")
+    parser.add_argument("--data", default=str(DATA), help="folder with the QC paper's .mat files")
     args = parser.parse_args()
-    if not DATA.exists():
-        print(f"data folder not found: {DATA}")
+    data = Path(args.data)
+    if not data.exists():
+        print(f"data folder not found: {data}")
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,21 +52,25 @@ def main() -> int:
     runs = [("mp", "l2", {}), ("rr", "l2", {}), ("nsr", "l2", {}), ("nsr-coupled", "l2", {"coupled": True}),
             ("mp", "linf", {"output_index": LOGIT}), ("nsr", "linf", {"output_index": LOGIT})]
     records = []
-    for spec in networks(args.only):
+    for spec in networks(data, args.only):
         for short, norm, opts in runs:
-            if short in skip or (norm == "linf" and "linf" in skip):
+            if short in skip or f"{short}-{norm}" in skip or (norm == "linf" and "linf" in skip):
                 continue
             method = {"mp": "mp", "rr": "lipsdp-rr", "nsr": "lipsdp-nsr", "nsr-coupled": "lipsdp-nsr"}[short]
+            if args.device and method != "mp":
+                opts = {**opts, "device": args.device}
             rec = run_isolated(spec, method, args.solver, args.timeout, norm=norm, **opts)
             rec["run"] = f"{short} {norm}"
             records.append(rec)
             print(f"{spec.label:<26}{rec['run']:<18}{_fmt(rec.get('upper_bound')):>14}{rec['time_s']:>9.2f}s "
                   f"{rec.get('solver', '')} {rec.get('error', '')}", flush=True)
-        lb = run_isolated(spec, "lower_bound", timeout=args.timeout)
-        lb["run"] = "lower bound l2"
-        records.append(lb)
-        print(f"{spec.label:<26}{'lower bound l2':<18}{_fmt(lb.get('value')):>14}{lb['time_s']:>9.2f}s", flush=True)
-    (out / "results.json").write_text(json.dumps(records, indent=2, default=float))
+        if "lb" not in skip:
+            lb = run_isolated(spec, "lower_bound", timeout=args.timeout,
+                              **({"device": args.device} if args.device else {}))
+            lb["run"] = "lower bound l2"
+            records.append(lb)
+            print(f"{spec.label:<26}{'lower bound l2':<18}{_fmt(lb.get('value')):>14}{lb['time_s']:>9.2f}s", flush=True)
+        (out / "results.json").write_text(json.dumps(records, indent=2, default=float))
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["network", "run", "bound", "certified", "solver", "time_s", "peak_rss_mb", "error"])

@@ -124,8 +124,11 @@ def suite(name: str, sizes: list[int] | None = None, data_dir: str | Path | None
     """Networks of a benchmark suite: ``random`` (784-n-n-10 signed ReLU), ``deep`` (4-w-...-w-1 nonnegative,
     exact value known), ``qc`` (the ICLR 2024 MaxMin networks in ``data_dir``)."""
     if name == "random":
-        return [NetSpec(f"784-{n}-{n}-10", "random", dims=(784, n, n, 10), seed=n)
-                for n in (sizes or [20, 50, 100, 200, 400, 1000])]
+        specs = [NetSpec(f"784-{n}-{n}-10", "random", dims=(784, n, n, 10), seed=n)
+                 for n in (sizes or [20, 50, 100, 200, 400, 1000])]
+        if not sizes or 500 in sizes:
+            specs.append(NetSpec("784-500-200-50-10", "random", dims=(784, 500, 200, 50, 10), seed=500))
+        return specs
     if name == "deep":
         out = []
         for width, depth in [(20, 2), (20, 10), (50, 10), (20, 50), (100, 10), (50, 50), (20, 100), (100, 30)]:

@@ -116,7 +116,7 @@ def lower_bound(model, input_shape=None, n_starts: int = 64, steps: int = 60, po
         else:
             lo, hi = (domain.center - domain.radius, domain.center + domain.radius) if isinstance(domain, Ball) \
                 else (domain.lower, domain.upper)
-            box = (torch.as_tensor(np.asarray(lo, dtype=np.float64)), torch.as_tensor(np.asarray(hi, dtype=np.float64)))
+            box = (torch.tensor(np.array(lo, dtype=np.float64)), torch.tensor(np.array(hi, dtype=np.float64)))
             center, radius = (box[0] + box[1]).numpy() / 2, float(np.max(np.asarray(hi) - np.asarray(lo)) / 2)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed)
