@@ -83,6 +83,7 @@ def run_isolated(spec: NetSpec, method: str, solver: str = "auto", timeout: floa
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_certify_worker, args=(spec, method, solver, options, queue))
+    start = time.perf_counter()
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
@@ -90,7 +91,8 @@ def run_isolated(spec: NetSpec, method: str, solver: str = "auto", timeout: floa
         proc.join()
         record = {"status": "timeout", "error": f"no result within {timeout:.0f} s", "time_s": timeout}
     elif proc.exitcode != 0 and queue.empty():
-        record = {"status": "killed", "error": f"process died (exit code {proc.exitcode}; out of memory?)"}
+        record = {"status": "killed", "error": f"process died (exit code {proc.exitcode}; out of memory?)",
+                  "time_s": time.perf_counter() - start}
     else:
         record = queue.get()
     record.update({"network": spec.label, "method": method, "solver_requested": solver})
