@@ -29,7 +29,8 @@ box ``[lower, upper]`` (all four are proven, so their minimum is too):
    ``x`` in the box (the coordinates and the ``s_i`` are treated as independent intervals, which only widens
    the enclosure), giving matrices ``Jlo <= J(x) <= Jhi``. With ``B = max(|Jlo|, |Jhi|)`` entrywise,
    ``|J(x) v| <= B |v|`` entrywise, so ``||J(x)||_2 <= ||B||_2``; ``||B||_2`` is bounded by
-   :func:`lipbound.rigorous.spectral_norm_upper` (Rump's test) and by ``sqrt(||B||_1 ||B||_inf)``.
+   :func:`lipbound.rigorous.spectral_norm_upper` (Rump's test; tiny matrices are first scaled by an exact power of
+   two, since its Gram matrix underflows) and by ``sqrt(||B||_1 ||B||_inf)``.
 2. ``interval_midrad``: ``J(x) = C + E`` with the float midpoint ``C`` and ``|E| <= R`` (outward-rounded
    radius), so ``||J(x)||_2 <= ||C||_2 + ||R||_2``. This keeps the sign structure of ``J`` and is within
    ~1e-7 relative of ``||J(x0)||_2`` on a degenerate box ``{x0}``.
@@ -37,6 +38,11 @@ box ``[lower, upper]`` (all four are proven, so their minimum is too):
    largest (smallest) ``||x||_inf`` over the box and ``s_i_lo`` a rigorous lower bound of ``s_i``; the
    scalar arithmetic is exact (``fractions.Fraction``) and rounded up once.
 4. ``global``: :func:`polynorm_global_lipschitz`, ``sum_i |a_i| C_i``, valid everywhere.
+
+An optional ``min_l2_norm = m`` restricts the statements to the points of the box with ``||x||_2 >= m`` (used by
+:mod:`lipbound.polycom_certify`, where the stage inputs stay within a known distance of a known point): then
+``mean(x**(2i)) >= (m**2 / D)**i`` (power means) and ``||x||_inf >= m / sqrt(D)`` sharpen the ``s_i`` and ``t``
+ranges above. A Lipschitz statement needs the restricted set to be convex, which the caller ensures.
 
 The bounds are for the exact real map with the given float coefficients and ``eps``; a module evaluated in
 float32 differs from it by its own rounding errors, which this module does not bound.
@@ -185,11 +191,18 @@ def _sum_nonneg(v: np.ndarray, upward: bool, axis: int | None = None) -> np.ndar
     return np.maximum(_dn(s * (1.0 - 4.0 * (n + 1) * _U)), 0.0)
 
 
-def _rms_enclosure(x: _Iv, i: int, eps: float) -> _Iv:
-    """Enclosure of ``s_i = sqrt(mean(x**(2i)) + eps)`` over the box ``x`` (``lo > 0``)."""
+def _rms_enclosure(x: _Iv, i: int, eps: float, min_l2_norm: float = 0.0) -> _Iv:
+    """Enclosure of ``s_i = sqrt(mean(x**(2i)) + eps)`` over the box ``x`` (``lo > 0``).
+
+    With ``||x||_2 >= m = min_l2_norm``, the power mean inequality ``mean(x**(2i)) >= mean(x**2)**i`` gives
+    ``mean(x**(2i)) >= (m**2 / D)**i`` as a second lower bound.
+    """
     dim = float(x.lo.size)
     p = _iv_pow(x, 2 * i)
     mean_lo = np.maximum(_dn(_sum_nonneg(p.lo, upward=False) / dim), 0.0)
+    if min_l2_norm > 0.0:
+        mean_sq = np.maximum(_dn(_dn(np.float64(min_l2_norm) * min_l2_norm) / dim), 0.0)
+        mean_lo = np.maximum(mean_lo, _pow_dn(mean_sq, i))
     mean_hi = _up(_sum_nonneg(p.hi, upward=True) / dim)
     s_lo = _dn(np.sqrt(_dn(mean_lo + eps)))
     s_hi = _up(np.sqrt(_up(mean_hi + eps)))
@@ -216,6 +229,13 @@ def _check_eps(eps: float) -> float:
     if not (math.isfinite(eps) and eps >= np.finfo(np.float64).tiny):
         raise ValueError(f"PolyNorm eps must be a finite normal float > 0 (eps = 0 is not Lipschitz), got {eps}.")
     return eps
+
+
+def _check_min_norm(min_l2_norm: float) -> float:
+    m = float(min_l2_norm)
+    if not (math.isfinite(m) and m >= 0.0):
+        raise ValueError(f"min_l2_norm must be a finite float >= 0, got {min_l2_norm}.")
+    return m
 
 
 def _check_box(lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float]) -> _Iv:
@@ -305,8 +325,8 @@ def polynorm_jacobian(x: np.ndarray | Sequence[float], coefficients: Sequence[fl
 
 
 def polynorm_jacobian_enclosure(coefficients: Sequence[float] | np.ndarray, eps: float,
-                                lower: np.ndarray | Sequence[float],
-                                upper: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+                                lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float],
+                                min_l2_norm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Float matrices ``Jlo <= J(x) <= Jhi`` (entrywise) for every real ``x`` in the box ``[lower, upper]``.
 
     Interval arithmetic with outward rounding on the closed form. The diagonal uses
@@ -321,6 +341,9 @@ def polynorm_jacobian_enclosure(coefficients: Sequence[float] | np.ndarray, eps:
         Normal float > 0.
     lower, upper : array_like, shape (D,)
         Finite box ends.
+    min_l2_norm : float, default 0
+        A lower bound of ``||x||_2`` on the subset ``S`` of the box that matters; the result then holds for the
+        ``x`` in ``S`` only (``0``: the whole box). It sharpens the lower bounds of the ``s_i``.
 
     Returns
     -------
@@ -335,13 +358,14 @@ def polynorm_jacobian_enclosure(coefficients: Sequence[float] | np.ndarray, eps:
     a = _check_coefficients(coefficients)
     eps = _check_eps(eps)
     x = _check_box(lower, upper)
+    min_l2_norm = _check_min_norm(min_l2_norm)
     dim = x.lo.size
     total = _Iv(np.zeros((dim, dim)), np.zeros((dim, dim)))
     off_mask = ~np.eye(dim, dtype=bool)
     for i in range(1, a.size):
         if a[i] == 0.0:
             continue
-        s = _rms_enclosure(x, i, eps)
+        s = _rms_enclosure(x, i, eps, min_l2_norm)
         s2 = _Iv(_dn(s.lo * s.lo), _up(s.hi * s.hi))
         s3 = _Iv(_dn(s2.lo * s.lo), _up(s2.hi * s.hi))
         d_s3 = _Iv(_dn(s3.lo * dim), _up(s3.hi * dim))  # D s_i**3, positive
@@ -364,8 +388,8 @@ def polynorm_jacobian_enclosure(coefficients: Sequence[float] | np.ndarray, eps:
 
 
 def polynorm_output_enclosure(coefficients: Sequence[float] | np.ndarray, eps: float,
-                              lower: np.ndarray | Sequence[float],
-                              upper: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+                              lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float],
+                              min_l2_norm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Rigorous bounds of the PolyNorm output over the box ``[lower, upper]``.
 
     Each term ``x_k**i / s_i`` is enclosed by interval arithmetic and intersected with its global range
@@ -377,6 +401,9 @@ def polynorm_output_enclosure(coefficients: Sequence[float] | np.ndarray, eps: f
     coefficients : array_like, shape (r + 1,)
     eps : float
     lower, upper : array_like, shape (D,)
+    min_l2_norm : float, default 0
+        A lower bound of ``||x||_2`` on the subset ``S`` of the box that matters; the result then holds for the
+        ``x`` in ``S`` only (``0``: the whole box). It sharpens the lower bounds of the ``s_i``.
 
     Returns
     -------
@@ -385,19 +412,21 @@ def polynorm_output_enclosure(coefficients: Sequence[float] | np.ndarray, eps: f
     Examples
     --------
     >>> lo, hi = polynorm_output_enclosure([0.5, 1.0], 1e-6, [-1.0, 2.0], [1.0, 3.0])
-    >>> bool(np.all(lo <= polynorm([0.0, 2.5], [0.5, 1.0], 1e-6))), bool(np.all(hi >= 0.5 + np.sqrt(2)))
-    (True, True)
+    >>> y = polynorm([0.25, 2.5], [0.5, 1.0], 1e-6)
+    >>> bool(np.all((lo <= y) & (y <= hi)))
+    True
     """
     a = _check_coefficients(coefficients)
     eps = _check_eps(eps)
     x = _check_box(lower, upper)
+    min_l2_norm = _check_min_norm(min_l2_norm)
     dim = x.lo.size
     root_d = sqrt_up(dim)
     total = _Iv(np.full(dim, a[0]), np.full(dim, a[0]))
     for i in range(1, a.size):
         if a[i] == 0.0:
             continue
-        s = _rms_enclosure(x, i, eps)
+        s = _rms_enclosure(x, i, eps, min_l2_norm)
         term = _iv_div_pos(_iv_pow(x, i), _Iv(np.full(dim, s.lo), np.full(dim, s.hi)))
         term = _iv_clip(term, 0.0 if i % 2 == 0 else -root_d, root_d)
         total = _iv_add(total, _iv_scale(float(a[i]), term))
@@ -418,11 +447,30 @@ def _product_norm_bound(b: np.ndarray) -> float:
     return sqrt_up(Fraction(col) * Fraction(row))
 
 
+def _spectral_upper(m: np.ndarray) -> float:
+    """A float >= ``||M||_2`` (``inf`` for non-finite entries).
+
+    :func:`lipbound.rigorous.spectral_norm_upper` squares entries in floating point, which underflows for tiny
+    matrices (``[[1e-167]]`` gives 0), so a matrix whose entries are all below 1 is first scaled by an exact power
+    of two (scaling up cannot underflow) and the result is scaled back exactly and rounded up.
+    """
+    if not np.all(np.isfinite(m)):
+        return math.inf
+    largest = float(np.max(np.abs(m))) if m.size else 0.0
+    if largest == 0.0:
+        return 0.0
+    shift = max(0, -math.frexp(largest)[1])
+    norm = spectral_norm_upper(np.ldexp(m, shift))
+    if shift == 0 or not math.isfinite(norm):
+        return norm
+    return round_up(Fraction(norm) / 2**shift)
+
+
 def _nonneg_norm_upper(b: np.ndarray) -> float:
     """A float >= ``||B||_2`` for a nonnegative float matrix ``B`` (infinite entries give ``inf``)."""
     if not np.all(np.isfinite(b)):
         return math.inf
-    return min(spectral_norm_upper(b), _product_norm_bound(b))
+    return min(_spectral_upper(b), _product_norm_bound(b))
 
 
 def interval_matrix_norm_upper(lower: np.ndarray, upper: np.ndarray) -> dict[str, float]:
@@ -454,7 +502,7 @@ def interval_matrix_norm_upper(lower: np.ndarray, upper: np.ndarray) -> dict[str
     if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
         mid = 0.5 * lo + 0.5 * hi  # any float matrix works as a centre; the radius below encloses both ends
         rad = _up(np.maximum(hi - mid, mid - lo))
-        mid_norm, rad_norm = spectral_norm_upper(mid), _nonneg_norm_upper(rad)
+        mid_norm, rad_norm = _spectral_upper(mid), _nonneg_norm_upper(rad)
         midrad = round_up(Fraction(mid_norm) + Fraction(rad_norm)) if math.isfinite(rad_norm) else math.inf
     else:
         midrad = math.inf
@@ -467,13 +515,15 @@ def interval_matrix_norm_upper(lower: np.ndarray, upper: np.ndarray) -> dict[str
 
 
 def _root_up(q: Fraction, n: int) -> float:
-    """A float >= ``q**(1/n)`` for exact ``q >= 0``."""
+    """The smallest float >= ``q**(1/n)`` for exact ``q >= 0`` (a libm guess, corrected by exact comparisons)."""
     if q <= 0:
         return 0.0
     log_q = math.log(q.numerator) - math.log(q.denominator)
-    f = math.exp(log_q / n) * (1 + 1e-12)
+    f = math.exp(log_q / n)
     while Fraction(f) ** n < q:
         f = math.nextafter(f, math.inf)
+    while f > 0 and Fraction(math.nextafter(f, 0.0)) ** n >= q:
+        f = math.nextafter(f, 0.0)
     return f
 
 
@@ -537,17 +587,19 @@ def polynorm_global_lipschitz(coefficients: Sequence[float] | np.ndarray, dim: i
     return round_up(total)
 
 
-def _projector_bound(a: np.ndarray, eps: float, x: _Iv) -> float:
+def _projector_bound(a: np.ndarray, eps: float, x: _Iv, min_l2_norm: float) -> float:
     """``sum_i |a_i| min(i M**(i-1) / s_i_lo, sup_{[m, M]} h_i)`` rounded up (see the module notes)."""
     dim = x.lo.size
     mag = np.maximum(np.abs(x.lo), np.abs(x.hi))
     mig = np.where((x.lo <= 0) & (x.hi >= 0), 0.0, np.minimum(np.abs(x.lo), np.abs(x.hi)))
     t_hi, t_lo = float(np.max(mag)), float(np.max(mig))  # range of ||x||_inf over the box
+    # ||x||_inf >= ||x||_2 / sqrt(D) >= min_l2_norm / sqrt(D)
+    t_lo = max(t_lo, float(_dn(np.float64(min_l2_norm) / sqrt_up(dim))))
     total = Fraction(0)
     for i in range(1, a.size):
         if a[i] == 0.0:
             continue
-        s_lo = float(_rms_enclosure(x, i, eps).lo)
+        s_lo = float(_rms_enclosure(x, i, eps, min_l2_norm).lo)
         via_rms = Fraction(i) * Fraction(t_hi) ** (i - 1) / Fraction(s_lo)
         via_h = Fraction(_term_sup_on_range(i, dim, eps, t_lo, t_hi))
         total += abs(Fraction(float(a[i]))) * min(via_rms, via_h)
@@ -555,8 +607,8 @@ def _projector_bound(a: np.ndarray, eps: float, x: _Iv) -> float:
 
 
 def polynorm_local_bounds(coefficients: Sequence[float] | np.ndarray, eps: float,
-                          lower: np.ndarray | Sequence[float],
-                          upper: np.ndarray | Sequence[float]) -> dict[str, float]:
+                          lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float],
+                          min_l2_norm: float = 0.0) -> dict[str, float]:
     """All four certified bounds of ``sup ||J(x)||_2`` over the box (see the module notes) and their minimum.
 
     Parameters
@@ -565,6 +617,9 @@ def polynorm_local_bounds(coefficients: Sequence[float] | np.ndarray, eps: float
         Paper order ``[a_0, ..., a_r]``.
     eps : float
     lower, upper : array_like, shape (D,)
+    min_l2_norm : float, default 0
+        A lower bound of ``||x||_2`` on the subset ``S`` of the box that matters; the bounds then hold on ``S``
+        only (``S`` convex for a Lipschitz bound) (``0``: the whole box). It sharpens the lower bounds of the ``s_i``.
 
     Returns
     -------
@@ -580,12 +635,13 @@ def polynorm_local_bounds(coefficients: Sequence[float] | np.ndarray, eps: float
     a = _check_coefficients(coefficients)
     eps = _check_eps(eps)
     x = _check_box(lower, upper)
-    jlo, jhi = polynorm_jacobian_enclosure(a, eps, x.lo, x.hi)
+    min_l2_norm = _check_min_norm(min_l2_norm)
+    jlo, jhi = polynorm_jacobian_enclosure(a, eps, x.lo, x.hi, min_l2_norm)
     norms = interval_matrix_norm_upper(jlo, jhi)
     out = {
         "interval_abs": norms["abs"],
         "interval_midrad": norms["midrad"],
-        "projector": _projector_bound(a, eps, x),
+        "projector": _projector_bound(a, eps, x, min_l2_norm),
         "global": polynorm_global_lipschitz(a, x.lo.size, eps),
     }
     out["bound"] = min(out.values())
@@ -593,11 +649,13 @@ def polynorm_local_bounds(coefficients: Sequence[float] | np.ndarray, eps: float
 
 
 def polynorm_local_lipschitz(coefficients: Sequence[float] | np.ndarray, eps: float,
-                             lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float]) -> float:
+                             lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float],
+                             min_l2_norm: float = 0.0) -> float:
     """Certified l2 Lipschitz bound of PolyNorm on the box ``[lower, upper]`` (a sound upper bound).
 
     For all ``x, x'`` in the box, ``||PolyNorm(x) - PolyNorm(x')||_2 <= L ||x - x'||_2`` with the returned ``L``
-    (the box is convex and PolyNorm is C^1, so ``L >= sup ||J||_2`` suffices).
+    (the box is convex and PolyNorm is C^1, so ``L >= sup ||J||_2`` suffices). With ``min_l2_norm > 0`` the
+    statement is for ``x, x'`` in a convex subset ``S`` of the box on which ``||x||_2 >= min_l2_norm``.
 
     Parameters
     ----------
@@ -607,6 +665,8 @@ def polynorm_local_lipschitz(coefficients: Sequence[float] | np.ndarray, eps: fl
         The module's ``eps`` (a normal float > 0).
     lower, upper : array_like, shape (D,)
         Finite box ends, ``lower <= upper``.
+    min_l2_norm : float, default 0
+        See above; ``0`` certifies the whole box.
 
     Returns
     -------
@@ -620,4 +680,4 @@ def polynorm_local_lipschitz(coefficients: Sequence[float] | np.ndarray, eps: fl
     >>> bool(np.linalg.norm(polynorm_jacobian(x0, [0.0, 0.5, 0.5], 1e-6), 2) <= L)
     True
     """
-    return polynorm_local_bounds(coefficients, eps, lower, upper)["bound"]
+    return polynorm_local_bounds(coefficients, eps, lower, upper, min_l2_norm)["bound"]

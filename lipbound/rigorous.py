@@ -194,6 +194,11 @@ def spectral_norm_upper(w: np.ndarray) -> float:
     w = np.asarray(w, dtype=np.float64)
     if w.size == 0 or not np.any(w):
         return 0.0
+    big = float(np.max(np.abs(w)))
+    if big < 2.0**-400 or big > 2.0**400:
+        # Squares would underflow or overflow: bound the norm of an exactly rescaled copy (power of two).
+        e = int(np.frexp(big)[1])
+        return math.nextafter(float(np.ldexp(spectral_norm_upper(np.ldexp(w, -e)), e)), math.inf)
     g = w.T @ w if w.shape[1] <= w.shape[0] else w @ w.T
     g = np.tril(g) + np.tril(g, -1).T
     k = max(w.shape)

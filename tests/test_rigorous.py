@@ -79,3 +79,10 @@ def test_spectral_norm_upper_is_tight_and_sound(shape):
 
 def test_spectral_norm_upper_zero_matrix():
     assert spectral_norm_upper(np.zeros((3, 2))) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1.5e-167, 1e-300, 1e250])
+def test_spectral_norm_upper_for_tiny_and_huge_matrices(scale):
+    w = np.array([[1.0, 2.0], [-0.5, 3.0]]) * scale
+    s = np.linalg.norm(np.array([[1.0, 2.0], [-0.5, 3.0]]), 2) * scale
+    assert s <= spectral_norm_upper(w) <= s * (1 + 1e-6)
