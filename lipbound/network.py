@@ -80,8 +80,20 @@ class Affine:
         return self.weight.shape[0]
 
 
+class _WidthPreserving:
+    """Mixin for activation layers that map ``width`` inputs to ``width`` outputs."""
+
+    @property
+    def in_dim(self) -> int:
+        return self.width
+
+    @property
+    def out_dim(self) -> int:
+        return self.width
+
+
 @dataclass(frozen=True, eq=False)
-class SlopeRestricted:
+class SlopeRestricted(_WidthPreserving):
     """An element-wise activation whose difference quotients lie in ``[alpha_i, beta_i]`` per neuron.
 
     Parameters
@@ -128,14 +140,6 @@ class SlopeRestricted:
         object.__setattr__(self, "alpha", alpha)
         object.__setattr__(self, "beta", beta)
 
-    @property
-    def in_dim(self) -> int:
-        return self.width
-
-    @property
-    def out_dim(self) -> int:
-        return self.width
-
     def with_slopes(self, alpha, beta) -> SlopeRestricted:
         """Return a copy with other per-neuron slope bounds (e.g. from activation-bound analysis)."""
         return SlopeRestricted(self.activation, self.width, alpha, beta, self.name)
@@ -157,7 +161,7 @@ def _unit_vectors(vectors, what: str) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class GroupSortLayer:
+class GroupSortLayer(_WidthPreserving):
     """GroupSort on consecutive groups of ``group_size`` neurons, ascending (MaxMin: ``group_size=2``).
 
     Not slope-restricted; described by the quadratic constraint of Pauli et al. (ICLR 2024), family
@@ -181,21 +185,13 @@ class GroupSortLayer:
     def n_groups(self) -> int:
         return self.width // self.group_size
 
-    @property
-    def in_dim(self) -> int:
-        return self.width
-
-    @property
-    def out_dim(self) -> int:
-        return self.width
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         shape = z.shape
         return torch.sort(z.reshape(*shape[:-1], self.n_groups, self.group_size), dim=-1).values.reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)
-class HouseholderLayer:
+class HouseholderLayer(_WidthPreserving):
     """Householder activation per consecutive group: ``z`` if ``v^T z > 0`` else ``(I - 2 v v^T) z``.
 
     ``vectors`` (num_groups, group_size) are normalised here; the layer is the exact-arithmetic map with
@@ -221,14 +217,6 @@ class HouseholderLayer:
     @property
     def width(self) -> int:
         return self.vectors.size
-
-    @property
-    def in_dim(self) -> int:
-        return self.width
-
-    @property
-    def out_dim(self) -> int:
-        return self.width
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         shape = z.shape
