@@ -175,6 +175,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         eigen_defect=max(raw.eigen_defects) if raw.eigen_defects else None,
         delta=max(report.deltas) if report.deltas else None,
         repair_weight=max(report.repair_weights) if report.repair_weights else None,
+        deltas=[float(d) for d in report.deltas],
         multipliers=[float(v) for v in y], exponents=list(problem.exponents), network=network.summary(),
         timings=timings, options=options, notes=list(problem.notes), solver_info=_jsonable(result.info))
 
@@ -222,7 +223,8 @@ def verify_certificate(certificate: Certificate, model, input_shape=None, activa
                                     bool(opts.get("coupled", False)), tuple(certificate.exponents))
         except FormulationError as exc:
             return Verification(False, None, str(exc))
-        report = check_program(problem.program, np.asarray(certificate.multipliers, dtype=np.float64))
+        report = check_program(problem.program, np.asarray(certificate.multipliers, dtype=np.float64),
+                               delta_hints=tuple(certificate.deltas) or None)
         if not report.certified:
             return Verification(False, None, report.reason)
         bound = report.bound

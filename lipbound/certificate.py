@@ -48,12 +48,14 @@ class CheckReport:
     reason: str = ""
 
 
-def check_program(program: Program, y: np.ndarray, device: str | None = None) -> CheckReport:
+def check_program(program: Program, y: np.ndarray, device: str | None = None,
+                  delta_hints: tuple[float, ...] | None = None) -> CheckReport:
     """Rigorously bound the program's output from multipliers ``y`` (any source, any accuracy).
 
     Negative values of sign-constrained multipliers make the certificate invalid (callers clip
     first with :meth:`Program.clip`); non-finite values likewise. ``device="cuda"`` runs the eigenvalue estimate
-    and the Cholesky factorisations of Rump's test on the GPU.
+    and the Cholesky factorisations of Rump's test on the GPU. ``delta_hints`` (one per LMI, e.g. from a saved
+    certificate) are tried first and proved again.
     """
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     empty = CheckReport(False, None, math.nan, (), (), tuple(program.repair_weights))
@@ -68,13 +70,14 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None) ->
                      if c != 0), Fraction(0))
     total = objective
     deltas, defects = [], []
-    for lmi, weight in zip(program.lmis, program.repair_weights, strict=True):
+    for t, (lmi, weight) in enumerate(zip(program.lmis, program.repair_weights, strict=True)):
         m = lmi.assemble(y)
         radius = lmi.rounding_radius(y)
         lam = largest_eigenvalue(m, device)
         defects.append(lam)
+        hint = None if not delta_hints or t >= len(delta_hints) else float(delta_hints[t])
         try:
-            delta = negative_semidefinite_defect(m, radius, estimate=lam, device=device)
+            delta = negative_semidefinite_defect(m, radius, estimate=lam, device=device, first=hint)
         except ArithmeticError as exc:
             return CheckReport(False, None, float(objective), tuple(deltas), tuple(defects),
                                tuple(program.repair_weights), reason=str(exc))
@@ -189,7 +192,9 @@ class Certificate:
     eigen_defect : float or None
         Floating-point ``lambda_max`` of the LMI at the solver's raw answer (> 0 means infeasible).
     delta, repair_weight : float or None
-        The proved ``M <= delta I`` and the norm bound ``B`` used in the repair.
+        The proved ``M <= delta I`` and the norm bound ``B`` used in the repair (largest over the LMIs).
+    deltas : list of float
+        ``delta`` per LMI (a re-check tries them first and proves them again).
     multipliers : list of float
         The checked multipliers (``rho`` first), in the unscaled program's variables.
     exponents : list of int
@@ -221,6 +226,7 @@ class Certificate:
     eigen_defect: float | None = None
     delta: float | None = None
     repair_weight: float | None = None
+    deltas: list = field(default_factory=list)
     multipliers: list = field(default_factory=list)
     exponents: list = field(default_factory=list)
     network: str = ""

@@ -138,17 +138,21 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
 
     # Lanczos needs only matrix-vector products; the dense O(n^3) reduction is the fallback.
     try:
-        return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-8, maxiter=20 * n)[0])
+        # A fixed start vector keeps the estimate, hence the certified bound, reproducible.
+        start = np.ones(n) / np.sqrt(n)
+        return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-8, maxiter=20 * n, v0=start)[0])
     except ArpackNoConvergence:
         return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
 
 
 def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float | None = None,
-                                 tries: int = 10, device: str | None = None) -> float:
+                                 tries: int = 10, device: str | None = None, first: float | None = None) -> float:
     """A rigorous ``delta >= 0`` with ``M <= delta I`` for every symmetric ``M`` within ``radius`` of ``m``.
 
     Starts from a floating-point estimate of ``lambda_max(m)`` plus the predicted Rump shift and
     enlarges the margin until :func:`rump_positive_definite` proves ``delta I - M`` positive definite.
+    ``first`` is tried before anything else (e.g. the ``delta`` a saved certificate recorded; it is proved
+    again, not trusted).
 
     Raises
     ------
@@ -163,7 +167,7 @@ def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float |
     scale = max(float(np.max(np.abs(m))), np.finfo(float).tiny)
     predicted = 4.0 * (n + 1) * UNIT_ROUNDOFF * (diag_abs + n * max(lam, 0.0)) + n * radius
     excess = max(2.0 * predicted, 64 * UNIT_ROUNDOFF * scale)
-    candidates = []
+    candidates = [] if first is None else [first]
     if lam + excess < 0:
         candidates.append(0.0)
     for i in range(tries):
