@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lipbound.rigorous import round_up, spectral_norm_upper, sqrt_up
+from lipbound.rigorous import next_down, next_up, round_up, spectral_norm_upper, sqrt_up
 
 __all__ = [
     "polynorm",
@@ -96,19 +96,11 @@ class _Iv(NamedTuple):
     hi: np.ndarray
 
 
-def _dn(x: np.ndarray | float) -> np.ndarray:
-    return np.nextafter(x, -np.inf)
-
-
-def _up(x: np.ndarray | float) -> np.ndarray:
-    return np.nextafter(x, np.inf)
-
-
 def _pow_up(t: np.ndarray, k: int) -> np.ndarray:
     """A float >= ``t**k`` for floats ``t >= 0`` (each product rounded up)."""
     out = np.ones_like(t)
     for _ in range(k):
-        out = _up(out * t)
+        out = next_up(out * t)
     return out
 
 
@@ -116,7 +108,7 @@ def _pow_dn(t: np.ndarray, k: int) -> np.ndarray:
     """A float in ``[0, t**k]`` for floats ``t >= 0``."""
     out = np.ones_like(t)
     for _ in range(k):
-        out = np.maximum(_dn(out * t), 0.0)
+        out = np.maximum(next_down(out * t), 0.0)
     return out
 
 
@@ -144,7 +136,7 @@ def _span(p1: np.ndarray, p2: np.ndarray, p3: np.ndarray, p4: np.ndarray) -> _Iv
     hi = np.fmax(np.fmax(p1, p2), np.fmax(p3, p4))
     lo = np.where(np.isnan(lo), -np.inf, lo)
     hi = np.where(np.isnan(hi), np.inf, hi)
-    return _Iv(_dn(lo), _up(hi))
+    return _Iv(next_down(lo), next_up(hi))
 
 
 def _iv_mul(a: _Iv, b: _Iv) -> _Iv:
@@ -157,7 +149,7 @@ def _iv_scale(c: float, a: _Iv) -> _Iv:
         zero = np.zeros_like(a.lo)
         return _Iv(zero, zero)
     lo, hi = (a.lo * c, a.hi * c) if c > 0 else (a.hi * c, a.lo * c)
-    return _Iv(_dn(lo), _up(hi))
+    return _Iv(next_down(lo), next_up(hi))
 
 
 def _iv_div_pos(a: _Iv, s: _Iv) -> _Iv:
@@ -167,7 +159,7 @@ def _iv_div_pos(a: _Iv, s: _Iv) -> _Iv:
 
 def _iv_add(a: _Iv, b: _Iv) -> _Iv:
     lo, hi = a.lo + b.lo, a.hi + b.hi
-    return _Iv(np.where(np.isnan(lo), -np.inf, _dn(lo)), np.where(np.isnan(hi), np.inf, _up(hi)))
+    return _Iv(np.where(np.isnan(lo), -np.inf, next_down(lo)), np.where(np.isnan(hi), np.inf, next_up(hi)))
 
 
 def _iv_clip(a: _Iv, lo: float, hi: float) -> _Iv:
@@ -187,8 +179,8 @@ def _sum_nonneg(v: np.ndarray, upward: bool, axis: int | None = None) -> np.ndar
         raise ValueError(f"a sum of {n} terms is too long for the rounding-error analysis of the bound.")
     s = np.sum(v, axis=axis)
     if upward:
-        return _up(s * (1.0 + 4.0 * (n + 1) * _U))
-    return np.maximum(_dn(s * (1.0 - 4.0 * (n + 1) * _U)), 0.0)
+        return next_up(s * (1.0 + 4.0 * (n + 1) * _U))
+    return np.maximum(next_down(s * (1.0 - 4.0 * (n + 1) * _U)), 0.0)
 
 
 def _rms_enclosure(x: _Iv, i: int, eps: float, min_l2_norm: float = 0.0) -> _Iv:
@@ -199,13 +191,13 @@ def _rms_enclosure(x: _Iv, i: int, eps: float, min_l2_norm: float = 0.0) -> _Iv:
     """
     dim = float(x.lo.size)
     p = _iv_pow(x, 2 * i)
-    mean_lo = np.maximum(_dn(_sum_nonneg(p.lo, upward=False) / dim), 0.0)
+    mean_lo = np.maximum(next_down(_sum_nonneg(p.lo, upward=False) / dim), 0.0)
     if min_l2_norm > 0.0:
-        mean_sq = np.maximum(_dn(_dn(np.float64(min_l2_norm) * min_l2_norm) / dim), 0.0)
+        mean_sq = np.maximum(next_down(next_down(np.float64(min_l2_norm) * min_l2_norm) / dim), 0.0)
         mean_lo = np.maximum(mean_lo, _pow_dn(mean_sq, i))
-    mean_hi = _up(_sum_nonneg(p.hi, upward=True) / dim)
-    s_lo = _dn(np.sqrt(_dn(mean_lo + eps)))
-    s_hi = _up(np.sqrt(_up(mean_hi + eps)))
+    mean_hi = next_up(_sum_nonneg(p.hi, upward=True) / dim)
+    s_lo = next_down(np.sqrt(next_down(mean_lo + eps)))
+    s_hi = next_up(np.sqrt(next_up(mean_hi + eps)))
     # sqrt(eps) > 0 and the rounding above is by one ulp, so s_lo stays positive (eps is a normal float >= 2**-1022).
     return _Iv(np.asarray(s_lo, dtype=np.float64), np.asarray(s_hi, dtype=np.float64))
 
@@ -366,17 +358,18 @@ def polynorm_jacobian_enclosure(coefficients: Sequence[float] | np.ndarray, eps:
         if a[i] == 0.0:
             continue
         s = _rms_enclosure(x, i, eps, min_l2_norm)
-        s2 = _Iv(_dn(s.lo * s.lo), _up(s.hi * s.hi))
-        s3 = _Iv(_dn(s2.lo * s.lo), _up(s2.hi * s.hi))
-        d_s3 = _Iv(_dn(s3.lo * dim), _up(s3.hi * dim))  # D s_i**3, positive
+        s2 = _Iv(next_down(s.lo * s.lo), next_up(s.hi * s.hi))
+        s3 = _Iv(next_down(s2.lo * s.lo), next_up(s2.hi * s.hi))
+        d_s3 = _Iv(next_down(s3.lo * dim), next_up(s3.hi * dim))  # D s_i**3, positive
         u = _iv_pow(x, i)
         v = _iv_scale(float(i), _iv_pow(x, 2 * i - 1))
         outer = _iv_mul(_Iv(u.lo[:, None], u.hi[:, None]), _Iv(v.lo[None, :], v.hi[None, :]))
         off = _iv_div_pos(outer, _Iv(np.full((dim, dim), d_s3.lo), np.full((dim, dim), d_s3.hi)))
         # diagonal: (i x^(i-1) / s) (1 - q), q = x^(2i) / (D s^2) in [0, 1): the dependency is kept in q
-        q = _iv_div_pos(_iv_pow(x, 2 * i), _Iv(np.full(dim, _dn(s2.lo * dim)), np.full(dim, _up(s2.hi * dim))))
+        d_s2 = _Iv(np.full(dim, next_down(s2.lo * dim)), np.full(dim, next_up(s2.hi * dim)))
+        q = _iv_div_pos(_iv_pow(x, 2 * i), d_s2)
         q = _iv_clip(q, 0.0, 1.0)
-        one_minus_q = _Iv(np.maximum(_dn(1.0 - q.hi), 0.0), np.minimum(_up(1.0 - q.lo), 1.0))
+        one_minus_q = _Iv(np.maximum(next_down(1.0 - q.hi), 0.0), np.minimum(next_up(1.0 - q.lo), 1.0))
         lead = _iv_div_pos(_iv_scale(float(i), _iv_pow(x, i - 1)), _Iv(np.full(dim, s.lo), np.full(dim, s.hi)))
         diag = _iv_mul(lead, one_minus_q)
         term_lo = np.where(off_mask, -off.hi, 0.0)
@@ -448,22 +441,10 @@ def _product_norm_bound(b: np.ndarray) -> float:
 
 
 def _spectral_upper(m: np.ndarray) -> float:
-    """A float >= ``||M||_2`` (``inf`` for non-finite entries).
-
-    :func:`lipbound.rigorous.spectral_norm_upper` squares entries in floating point, which underflows for tiny
-    matrices (``[[1e-167]]`` gives 0), so a matrix whose entries are all below 1 is first scaled by an exact power
-    of two (scaling up cannot underflow) and the result is scaled back exactly and rounded up.
-    """
+    """A float >= ``||M||_2`` (``inf`` for non-finite entries)."""
     if not np.all(np.isfinite(m)):
         return math.inf
-    largest = float(np.max(np.abs(m))) if m.size else 0.0
-    if largest == 0.0:
-        return 0.0
-    shift = max(0, -math.frexp(largest)[1])
-    norm = spectral_norm_upper(np.ldexp(m, shift))
-    if shift == 0 or not math.isfinite(norm):
-        return norm
-    return round_up(Fraction(norm) / 2**shift)
+    return spectral_norm_upper(m)
 
 
 def _nonneg_norm_upper(b: np.ndarray) -> float:
@@ -501,7 +482,7 @@ def interval_matrix_norm_upper(lower: np.ndarray, upper: np.ndarray) -> dict[str
     abs_bound = _nonneg_norm_upper(np.maximum(np.abs(lo), np.abs(hi)))
     if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
         mid = 0.5 * lo + 0.5 * hi  # any float matrix works as a centre; the radius below encloses both ends
-        rad = _up(np.maximum(hi - mid, mid - lo))
+        rad = next_up(np.maximum(hi - mid, mid - lo))
         mid_norm, rad_norm = _spectral_upper(mid), _nonneg_norm_upper(rad)
         midrad = round_up(Fraction(mid_norm) + Fraction(rad_norm)) if math.isfinite(rad_norm) else math.inf
     else:
@@ -594,7 +575,7 @@ def _projector_bound(a: np.ndarray, eps: float, x: _Iv, min_l2_norm: float) -> f
     mig = np.where((x.lo <= 0) & (x.hi >= 0), 0.0, np.minimum(np.abs(x.lo), np.abs(x.hi)))
     t_hi, t_lo = float(np.max(mag)), float(np.max(mig))  # range of ||x||_inf over the box
     # ||x||_inf >= ||x||_2 / sqrt(D) >= min_l2_norm / sqrt(D)
-    t_lo = max(t_lo, float(_dn(np.float64(min_l2_norm) / sqrt_up(dim))))
+    t_lo = max(t_lo, float(next_down(np.float64(min_l2_norm) / sqrt_up(dim))))
     total = Fraction(0)
     for i in range(1, a.size):
         if a[i] == 0.0:

@@ -18,6 +18,16 @@ _U = Fraction(1, 2**53)
 _ETA = Fraction(1, 2**1075)
 
 
+def next_up(x):
+    """Elementwise one ulp up: ``>=`` the exact result whose round-to-nearest value is ``x``."""
+    return np.nextafter(x, np.inf)
+
+
+def next_down(x):
+    """Elementwise one ulp down: ``<=`` the exact result whose round-to-nearest value is ``x``."""
+    return np.nextafter(x, -np.inf)
+
+
 def round_up(x: Fraction | float) -> float:
     """The smallest float >= ``x`` (``x`` exact)."""
     x = Fraction(x)

@@ -88,6 +88,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.special
 
+from lipbound.rigorous import next_down, next_up
+
 __all__ = ["ACTIVATION_NAMES", "global_slope_bounds", "slope_bounds"]
 
 ACTIVATION_NAMES: tuple[str, ...] = (
@@ -143,14 +145,6 @@ class _Iv(NamedTuple):
     hi: np.ndarray
 
 
-def _dn(x: np.ndarray) -> np.ndarray:
-    return np.nextafter(x, -np.inf)
-
-
-def _up(x: np.ndarray) -> np.ndarray:
-    return np.nextafter(x, np.inf)
-
-
 def _pt(x: np.ndarray | float) -> _Iv:
     x = np.asarray(x, dtype=np.float64)
     return _Iv(x, x)
@@ -159,7 +153,7 @@ def _pt(x: np.ndarray | float) -> _Iv:
 def _const(decimal: str) -> _Iv:
     """Enclosure of a real constant given by >= 40 correct significant digits."""
     f = float(decimal)  # correctly rounded: the constant is within one ulp of f
-    return _Iv(np.float64(_dn(f)), np.float64(_up(f)))
+    return _Iv(np.float64(next_down(f)), np.float64(next_up(f)))
 
 
 def _fix_nan(lo: np.ndarray, hi: np.ndarray) -> _Iv:
@@ -168,11 +162,11 @@ def _fix_nan(lo: np.ndarray, hi: np.ndarray) -> _Iv:
 
 
 def _add(a: _Iv, b: _Iv) -> _Iv:
-    return _fix_nan(_dn(a.lo + b.lo), _up(a.hi + b.hi))
+    return _fix_nan(next_down(a.lo + b.lo), next_up(a.hi + b.hi))
 
 
 def _sub(a: _Iv, b: _Iv) -> _Iv:
-    return _fix_nan(_dn(a.lo - b.hi), _up(a.hi - b.lo))
+    return _fix_nan(next_down(a.lo - b.hi), next_up(a.hi - b.lo))
 
 
 def _neg(a: _Iv) -> _Iv:
@@ -192,7 +186,7 @@ def _span(p1: np.ndarray, p2: np.ndarray, p3: np.ndarray, p4: np.ndarray) -> _Iv
     hi = np.fmax(np.fmax(p1, p2), np.fmax(p3, p4))
     if np.isnan(lo).any() or np.isnan(hi).any():
         lo, hi = _fix_nan(lo, hi)
-    return _Iv(_dn(lo), _up(hi))
+    return _Iv(next_down(lo), next_up(hi))
 
 
 def _mul(a: _Iv, b: _Iv) -> _Iv:
@@ -201,7 +195,7 @@ def _mul(a: _Iv, b: _Iv) -> _Iv:
         lo, hi = (a.lo * c, a.hi * c) if c >= 0 else (a.hi * c, a.lo * c)
         if c == 0.0:
             lo, hi = np.zeros_like(a.lo), np.zeros_like(a.hi)  # 0 * (finite reals) = 0
-        return _Iv(_dn(lo), _up(hi))
+        return _Iv(next_down(lo), next_up(hi))
     if a.hi is a.lo and np.ndim(a.lo) == 0:
         return _mul(b, a)
     return _span(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi)
@@ -210,7 +204,7 @@ def _mul(a: _Iv, b: _Iv) -> _Iv:
 def _sqr(a: _Iv) -> _Iv:
     lo2, hi2 = a.lo * a.lo, a.hi * a.hi
     lo = np.where(a.lo > 0, lo2, np.where(a.hi < 0, hi2, 0.0))
-    return _Iv(np.maximum(_dn(lo), 0.0), _up(np.maximum(lo2, hi2)))
+    return _Iv(np.maximum(next_down(lo), 0.0), next_up(np.maximum(lo2, hi2)))
 
 
 def _div(a: _Iv, b: _Iv) -> _Iv:
@@ -242,7 +236,7 @@ def _widen_libm(vlo: np.ndarray, vhi: np.ndarray, err_lo: np.ndarray | float,
     """Enclose the exact values behind libm results ``vlo``, ``vhi`` (absolute errors <= ``err``)."""
     lo = np.where(np.isfinite(vlo), vlo - (err_lo + _LIBM_ABS), vlo)
     hi = np.where(np.isfinite(vhi), vhi + (err_hi + _LIBM_ABS), vhi)
-    return _Iv(_dn(lo), _up(hi))
+    return _Iv(next_down(lo), next_up(hi))
 
 
 def _ends(f: Callable[[np.ndarray], np.ndarray], a: _Iv) -> tuple[np.ndarray, np.ndarray]:
