@@ -50,14 +50,14 @@ def applicable_methods(network: Network) -> list[str]:
 
 
 def build_problem(network: Network, method: str, norm: str = "l2", output_index: int | None = None,
-                  coupled: bool = False, exponents=None):
+                  coupled: bool = False, exponents=None, reduce_input: bool = True):
     """The :class:`~lipbound.formulations.LipschitzProblem` of an SDP method."""
     if method in ("lipsdp-neuron", "lipsdp-layer"):
-        return lipsdp(network, method.split("-", 1)[1], exponents, norm=norm, output_index=output_index)
+        return lipsdp(network, method.split("-", 1)[1], exponents, reduce_input, norm=norm, output_index=output_index)
     if method == "lipsdp-nsr":
-        return lipsdp_nsr(network, coupled, norm, output_index, exponents)
+        return lipsdp_nsr(network, coupled, norm, output_index, exponents, reduce_input)
     if method == "lipsdp-rr":
-        return lipsdp_rr(network, norm, output_index, exponents)
+        return lipsdp_rr(network, norm, output_index, exponents, reduce_input)
     raise FormulationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
@@ -96,7 +96,7 @@ def localise(network: Network, domain, bounds_method: str = "crown") -> Network:
 def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str = "auto",
             input_shape=None, activation: str = "relu", output_index: int | None = None, coupled: bool = False,
             domain=None, bounds_method: str = "crown", polish: bool = True, verbose: bool = False,
-            **solver_options) -> Certificate:
+            reduce_input: bool = True, **solver_options) -> Certificate:
     """Certified upper bound on the Lipschitz constant of ``model``.
 
     Parameters
@@ -125,6 +125,10 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         slope 0, stably active ones 1), which replace the global ones. The region is stored in the certificate.
     polish : bool
         Re-optimise ``rho`` for the solver's multipliers before checking (never loosens the bound).
+    reduce_input : bool
+        l2: hand the solver the LMI with the input block reduced by a QR factorisation of the first weight
+        (same optimum, smaller cone; the certificate always checks the unreduced LMI). ``False`` gives the solver
+        the plain LipSDP program as the peers' code builds it (for comparisons).
     **solver_options
         Passed to the solver (e.g. ``eps_abs=1e-9`` for SCS, ``max_iter=500`` for Clarabel).
 
@@ -148,14 +152,14 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     network = as_network(model, input_shape, activation)
     sizes = {"dims": list(network.dims), "n_hidden": network.n_hidden}
     options = {"output_index": output_index, "coupled": coupled, "domain": domain_to_dict(domain),
-               "bounds_method": bounds_method}
+               "bounds_method": bounds_method, "reduce_input": reduce_input}
     network = localise(network, domain, bounds_method)
     if method == "mp":
         bound, estimate = product_bound(network, norm, output_index)
         return Certificate(bound, True, estimate, method, "closed-form", norm, "closed_form",
                            time_s=time.perf_counter() - start, sizes=sizes, network=network.summary(),
                            options=options)
-    problem = build_problem(network, method, norm, output_index, coupled)
+    problem = build_problem(network, method, norm, output_index, coupled, reduce_input=reduce_input)
     t_form = time.perf_counter() - start
     solver_name = choose_solver(problem.solve_program) if solver == "auto" else solver.lower()
     result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)

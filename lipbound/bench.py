@@ -49,9 +49,21 @@ class NetSpec:
         return lipbound.from_weights(weights, self.activation)
 
 
+def _preload(method: str, solver: str) -> None:
+    """Import what a run needs before its clock starts: a user certifying many networks pays imports once."""
+    if method.startswith("eclipse"):
+        import importlib.util
+
+        if importlib.util.find_spec("eclipse_nn") is not None:
+            import eclipse_nn.eclipsE  # noqa: F401
+    elif solver in ("clarabel", "scs", "mosek", "sdpa"):
+        import cvxpy  # noqa: F401
+
+
 def _certify_worker(spec: NetSpec, method: str, solver: str, options: dict, queue) -> None:
     import lipbound
 
+    _preload(method, solver)
     start = time.perf_counter()
     try:
         net = spec.build()
@@ -115,8 +127,10 @@ def _exact_product_norm(spec: NetSpec) -> float:
 
 
 #: (method, solver, options) runs per suite; "eclipse*" are the eclipse-nn peer.
+#: ``reduce_input=False`` hands SCS the plain LipSDP program, as the peers' cvxpy code builds it.
 LIPSDP_RUNS = [("mp", "auto", {}), ("lipsdp-neuron", "native", {}), ("lipsdp-neuron", "scs", {}),
-               ("lipsdp-neuron", "clarabel", {}), ("eclipse", "-", {}), ("eclipse-fast", "-", {})]
+               ("lipsdp-neuron", "scs", {"reduce_input": False}), ("lipsdp-neuron", "clarabel", {}),
+               ("eclipse", "-", {}), ("eclipse-fast", "-", {})]
 QC_RUNS = [("mp", "auto", {}), ("lipsdp-nsr", "native", {}), ("lipsdp-nsr", "scs", {}),
            ("lipsdp-nsr", "native", {"coupled": True}), ("lipsdp-nsr", "native", {"norm": "linf", "output_index": 8}),
            ("lipsdp-nsr", "scs", {"norm": "linf", "output_index": 8})]
@@ -151,14 +165,26 @@ def suite(name: str, sizes: list[int] | None = None, data_dir: str | Path | None
 
 
 def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, sizes: list[int] | None = None,
-              timeout: float = 600.0, device: str | None = None, progress=print) -> list[dict]:
-    """Run a suite side by side, write ``<out_dir>/<name>.json`` and ``<name>.png``; return the records."""
+              timeout: float = 600.0, device: str | None = None, progress=print,
+              networks: list[str] | None = None) -> list[dict]:
+    """Run a suite side by side, write ``<out_dir>/<name>.json`` and ``<name>.png``; return the records.
+
+    ``solvers`` keeps the runs whose solver or method is listed; ``networks`` keeps the suite's networks with
+    these labels (an unknown label is an error, not an empty run).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = QC_RUNS if name == "qc" else LIPSDP_RUNS
     records = []
     skip_rest: set[tuple] = set()
-    for spec in suite(name, sizes):
+    specs = suite(name, sizes)
+    if networks:
+        unknown = set(networks) - {s.label for s in specs}
+        if unknown:
+            raise ValueError(f"suite {name!r} has no network(s) {', '.join(sorted(unknown))}; it has "
+                             f"{', '.join(s.label for s in specs)}.")
+        specs = [s for s in specs if s.label in networks]
+    for spec in specs:
         exact = _exact_product_norm(spec) if spec.nonneg else None
         for method, solver, opts in runs:
             key = (method, solver, tuple(sorted(opts.items())))
@@ -189,7 +215,8 @@ def _line(r: dict) -> str:
     shown = "-" if value is None else f"{value:.7g}"
     flag = "" if r.get("certified", True) else " (uncertified)"
     extra = f" exact {r['exact']:.7g}" if "exact" in r else ""
-    return (f"{r['network']:<22}{r['method']:<15}{r.get('solver', r['solver_requested']):<13}"
+    solver = r.get("solver", r["solver_requested"]) + (" (unreduced)" if r.get("reduce_input") is False else "")
+    return (f"{r['network']:<22}{r['method']:<15}{solver:<13}"
             f"{r.get('norm', 'l2'):<5}{shown:>14}{flag}{extra}  {r['time_s']:.2f} s  "
             f"{r.get('peak_rss_mb', 0):.0f} MB  {r.get('status', '')} {r.get('error', '')}")
 
@@ -210,6 +237,8 @@ def _plot_times(records: list[dict], path: Path, title: str) -> None:
             label += f" ({r['norm']})"
         if r.get("coupled"):
             label += " coupled"
+        if r.get("reduce_input") is False:
+            label += " unreduced"
         x = r.get("hidden_neurons") or i
         groups.setdefault(label, []).append((x, r["time_s"]))
     for label, pts in groups.items():

@@ -37,7 +37,11 @@ from lipbound.rigorous import (
 
 @dataclass(frozen=True)
 class CheckReport:
-    """Outcome of the rigorous check of one multiplier vector."""
+    """Outcome of the rigorous check of one multiplier vector.
+
+    ``eigen_defects`` (floating-point estimates of each LMI's largest eigenvalue at the solver's point) are filled
+    in by :func:`certify_multipliers`; the rigorous check itself does not need them and leaves them empty.
+    """
 
     certified: bool
     bound: float | None
@@ -49,13 +53,14 @@ class CheckReport:
 
 
 def check_program(program: Program, y: np.ndarray, device: str | None = None,
-                  delta_hints: tuple[float, ...] | None = None) -> CheckReport:
+                  delta_hints: tuple[float, ...] | None = None, rho_on_boundary: bool = False) -> CheckReport:
     """Rigorously bound the program's output from multipliers ``y`` (any source, any accuracy).
 
     Negative values of sign-constrained multipliers make the certificate invalid (callers clip
     first with :meth:`Program.clip`); non-finite values likewise. ``device="cuda"`` runs the eigenvalue estimate
     and the Cholesky factorisations of Rump's test on the GPU. ``delta_hints`` (one per LMI, e.g. from a saved
-    certificate) are tried first and proved again.
+    certificate) are tried first and proved again. ``rho_on_boundary``: ``rho`` was re-optimised to make its LMI
+    singular, so ``delta = 0`` is not attempted there (it cannot be proved; the attempt costs a factorisation).
     """
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     empty = CheckReport(False, None, math.nan, (), (), tuple(program.repair_weights))
@@ -69,23 +74,23 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
     objective = sum((Fraction(float(c)) * Fraction(float(v)) for c, v in zip(program.objective, y, strict=True)
                      if c != 0), Fraction(0))
     total = objective
-    deltas, defects = [], []
+    deltas: list[float] = []
+    defects: tuple[float, ...] = ()
     for t, (lmi, weight) in enumerate(zip(program.lmis, program.repair_weights, strict=True)):
         m = lmi.assemble(y)
         radius = lmi.rounding_radius(y)
-        lam = largest_eigenvalue(m, device)
-        defects.append(lam)
         hint = None if not delta_hints or t >= len(delta_hints) else float(delta_hints[t])
         try:
-            delta = negative_semidefinite_defect(m, radius, estimate=lam, device=device, first=hint)
+            delta = negative_semidefinite_defect(m, radius, device=device, first=hint, pattern=lmi.pattern,
+                                                 try_zero=not (rho_on_boundary and t == program.rho_lmi))
         except ArithmeticError as exc:
-            return CheckReport(False, None, float(objective), tuple(deltas), tuple(defects),
+            return CheckReport(False, None, float(objective), tuple(deltas), defects,
                                tuple(program.repair_weights), reason=str(exc))
         deltas.append(delta)
         if delta == 0:
             continue
         if not math.isfinite(weight):
-            return CheckReport(False, None, float(objective), tuple(deltas), tuple(defects),
+            return CheckReport(False, None, float(objective), tuple(deltas), defects,
                                tuple(program.repair_weights),
                                reason="the LMI is not strictly feasible and no finite norm bound B exists for its "
                                       "signals (non-contractive implicit layer)")
@@ -96,9 +101,9 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
         core = round_up(total)
     bound = core * program.scale
     if not math.isfinite(bound):
-        return CheckReport(False, None, float(objective), tuple(deltas), tuple(defects),
+        return CheckReport(False, None, float(objective), tuple(deltas), defects,
                            tuple(program.repair_weights), reason="certified bound overflowed")
-    return CheckReport(True, bound, float(objective), tuple(deltas), tuple(defects), tuple(program.repair_weights))
+    return CheckReport(True, bound, float(objective), tuple(deltas), defects, tuple(program.repair_weights))
 
 
 def _replace(report: CheckReport, **changes) -> CheckReport:
@@ -107,12 +112,13 @@ def _replace(report: CheckReport, **changes) -> CheckReport:
     return CheckReport(**data)
 
 
-def optimal_rho(program: Program, y: np.ndarray) -> float | None:
+def optimal_rho(program: Program, y: np.ndarray, device: str | None = None) -> float | None:
     """Smallest ``rho >= 0`` making its LMI feasible for the other multipliers of ``y`` (floating point).
 
     ``rho`` enters only as ``-w rho I`` on block ``rho_block`` of LMI ``rho_lmi``, so with
     ``M(0, lambda) = [[X, Y^T], [Y, Z]]`` (``X`` that block) the LMI holds iff ``Z < 0`` and
     ``w rho >= lambda_max(X - Y^T Z^{-1} Y)``. Returns ``None`` when ``Z`` is not negative definite.
+    ``device="cuda"`` runs the factorisation on the GPU (it is the costly step for large LMIs).
     """
     if program.rho_index is None:
         return None
@@ -127,6 +133,16 @@ def optimal_rho(program: Program, y: np.ndarray) -> float | None:
     x = m[np.ix_(inside, inside)]
     if inside.all():
         s = x
+    elif device is not None and str(device).startswith("cuda"):
+        import torch
+
+        z = torch.as_tensor(m[np.ix_(~inside, ~inside)], device=device)
+        c, info = torch.linalg.cholesky_ex(-z)
+        if int(info) != 0:
+            return None
+        v = torch.linalg.solve_triangular(c, torch.as_tensor(m[np.ix_(~inside, inside)], device=device),
+                                          upper=False)
+        s = x + (v.T @ v).cpu().numpy()
     else:
         yb = m[np.ix_(~inside, inside)]
         z = m[np.ix_(~inside, ~inside)]
@@ -157,11 +173,11 @@ def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, de
                       reason="not checked")
     if polish and program.rho_index is not None:
         # The reduced program has the same optimal rho for given multipliers and a much smaller rho block.
-        rho = optimal_rho(solve_program or program, y)
+        rho = optimal_rho(solve_program or program, y, device)
         if rho is not None:
             y2 = y.copy()
             y2[program.rho_index] = rho
-            report = check_program(program, y2, device)
+            report = check_program(program, y2, device, rho_on_boundary=rho > 0)
             if report.certified:
                 return report, y2, raw
     report = check_program(program, y, device)

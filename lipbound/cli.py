@@ -119,7 +119,12 @@ def cmd_bench(args) -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     solvers = args.solvers.split(",") if args.solvers else None
-    run_suite(args.suite, args.out, solvers, sizes, args.timeout, args.device)
+    networks = args.networks.split(",") if args.networks else None
+    try:
+        run_suite(args.suite, args.out, solvers, sizes, args.timeout, args.device, networks=networks)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}/{args.suite}.json and {args.suite}.png")
     return 0
 
@@ -165,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench_out")
     b.add_argument("--sizes", default=None, help="comma-separated widths (random: n of 784-n-n-10)")
     b.add_argument("--solvers", default=None, help="comma-separated solvers/methods to run (default: all)")
+    b.add_argument("--networks", default=None, help="comma-separated network labels of the suite to run "
+                   "(e.g. 784-500-200-50-10; default: all)")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per run (each in its own process)")
     b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
     b.set_defaults(func=cmd_bench)

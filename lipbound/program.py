@@ -88,6 +88,30 @@ def _max_row_norm(factor: np.ndarray | None, dabs: np.ndarray) -> float:
 
 
 @dataclass(frozen=True, eq=False)
+class BlockPattern:
+    """Which blocks of a symmetric block matrix may be non-zero: ``sizes`` of the diagonal blocks and a
+    symmetric boolean ``adjacency`` (blocks x blocks, diagonal set). Entries outside these blocks are exactly
+    zero, in exact arithmetic and in floating point alike."""
+
+    sizes: tuple[int, ...]
+    adjacency: np.ndarray
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+
+    def contains(self, a: np.ndarray) -> bool:
+        """Whether every non-zero entry of ``a`` lies in an allowed block."""
+        off = self.offsets
+        nb = len(self.sizes)
+        for r in range(nb):
+            for c in range(r):
+                if not self.adjacency[r, c] and np.any(a[off[r]:off[r + 1], off[c]:off[c + 1]]):
+                    return False
+        return True
+
+
+@dataclass(frozen=True, eq=False)
 class LMI:
     """A block-structured LMI ``sum_t Term_t(y) <= 0``."""
 
@@ -102,6 +126,15 @@ class LMI:
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(int)
+
+    @property
+    def pattern(self) -> BlockPattern:
+        """The blocks its terms touch (plus the diagonal): every other entry of ``M(y)`` is zero for every ``y``."""
+        nb = len(self.block_sizes)
+        adj = np.eye(nb, dtype=bool)
+        for t in self.terms:
+            adj[t.row, t.col] = adj[t.col, t.row] = True
+        return BlockPattern(tuple(int(b) for b in self.block_sizes), adj)
 
     def assemble(self, y: np.ndarray) -> np.ndarray:
         """Dense symmetric float64 matrix ``M(y)`` (the lower triangle is mirrored, so it is exactly symmetric)."""

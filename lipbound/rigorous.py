@@ -6,13 +6,16 @@ from :func:`rump_positive_definite` proves positive definiteness, despite roundi
 
 from __future__ import annotations
 
+import logging
 import math
 from fractions import Fraction
 
 import numpy as np
 import scipy.linalg
 
-from lipbound.program import UNIT_ROUNDOFF, gamma
+from lipbound.program import UNIT_ROUNDOFF, BlockPattern, gamma
+
+log = logging.getLogger("lipbound")
 
 _U = Fraction(1, 2**53)
 _ETA = Fraction(1, 2**1075)
@@ -85,7 +88,60 @@ def _cholesky_succeeds(a: np.ndarray, device: str | None) -> bool:
     return bool(np.all(np.isfinite(d)) and np.all(d > 0))
 
 
-def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | None = None) -> bool:
+def _envelope_bound(sqrt_diag: np.ndarray, pattern: BlockPattern) -> tuple[int, float, int]:
+    """Structure constants of Rump's test for a matrix with block pattern ``pattern``.
+
+    Returns ``(w, r, k)``: ``w`` the largest row envelope width of the lower triangle (the Cholesky factor's
+    rows have their non-zeros inside the envelope, so every inner product has at most ``w - 1`` non-zero
+    terms); ``r >= max_i s_i sum_{j ~ i} s_j`` over the pairs ``i ~ j`` whose row envelopes overlap, with
+    ``s = sqrt_diag`` (computed in floating point and inflated by far more than its rounding error); ``k``
+    the largest number of structurally non-zero entries in a row.
+    """
+    sizes = np.asarray(pattern.sizes)
+    off = pattern.offsets
+    adj = pattern.adjacency | pattern.adjacency.T | np.eye(sizes.size, dtype=bool)
+    first = np.array([int(np.flatnonzero(adj[b, :b + 1])[0]) for b in range(sizes.size)])
+    width = int(np.max(off[1:] - off[first]))
+    # Rows i (block a) and j (block b >= a) can share a non-zero column iff b's envelope reaches block a.
+    lo, hi = np.minimum.outer(np.arange(sizes.size), np.arange(sizes.size)), \
+        np.maximum.outer(np.arange(sizes.size), np.arange(sizes.size))
+    overlap = first[hi] <= lo
+    block_sum = np.array([float(np.sum(sqrt_diag[off[b]:off[b + 1]])) for b in range(sizes.size)])
+    block_max = np.array([float(np.max(sqrt_diag[off[b]:off[b + 1]], initial=0.0)) for b in range(sizes.size)])
+    r = float(np.max(block_max * (overlap @ block_sum)))
+    r *= 1.0 + 4.0 * (sqrt_diag.size + 4) * UNIT_ROUNDOFF
+    k = int(np.max(adj @ sizes))
+    return width, math.nextafter(r, math.inf), k
+
+
+def rump_shift(diag: np.ndarray, radius: float = 0.0, pattern: BlockPattern | None = None) -> float:
+    """The diagonal shift of :func:`rump_positive_definite` for a matrix with diagonal ``diag`` (all > 0).
+
+    Dense: ``2 c + N r`` with ``c = (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``. With a block
+    ``pattern``, ``(N+1)`` becomes ``w + 1`` (``w`` the row envelope width), ``tr(A)`` becomes
+    ``min(tr(A), max_i s_i sum_{j ~ i} s_j)`` (``s_i = sqrt(A_ii)``) and ``N r`` becomes ``k r`` (``k`` the most
+    structural non-zeros in a row); see :func:`rump_positive_definite`.
+    """
+    n = diag.size
+    # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
+    trace = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
+    maxdiag = Fraction(float(np.max(diag)))
+    rows, weight = n, trace
+    if pattern is not None:
+        width, r, k = _envelope_bound(next_up(np.sqrt(diag)), pattern)
+        nu = (width + 1) * _U
+        weight = min(trace, Fraction(r))
+        rows = min(n, k)
+    else:
+        nu = (n + 1) * _U
+    if 3 * nu >= 1:
+        raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
+    c = 2 * ((nu / (1 - nu)) * weight + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
+    return round_up(c + rows * Fraction(float(radius)))
+
+
+def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | None = None,
+                           pattern: BlockPattern | None = None) -> bool:
     """Prove that every symmetric matrix within ``radius`` (entrywise) of ``a`` is positive definite.
 
     Rump's test (BIT 2006, constants of Rump & Jeannerod 2014; formalised in ValidSDP,
@@ -95,11 +151,26 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     ``c`` to cover blocked and FMA-based LAPACK kernels, whose summation orders the formal proof does
     not fix (the underlying ``gamma_k`` bound holds for any order).
 
+    With a block ``pattern`` (every non-zero of ``a`` and of the matrices of interest lies in its blocks) the
+    constants use the structure, as in the proof's sparse form (Higham, *Accuracy and Stability*, Thm 10.3 and
+    the remark after it): the computed factor's rows stay inside the row envelope of ``a`` (products with exact
+    zeros are exact zeros), so each inner product has at most ``w - 1`` non-zero terms and ``gamma_{N+1}``
+    becomes ``gamma_{w+1}``; the error matrix is bounded entrywise by ``gamma_{w+1} s_i s_j`` on the pairs whose
+    envelopes overlap and is zero elsewhere, so its norm is at most ``gamma_{w+1} max_i s_i sum_{j ~ i} s_j``
+    (row sums of a non-negative symmetric matrix) instead of ``gamma_{N+1} tr(A)``; the perturbation of size
+    ``radius`` has at most ``k`` non-zeros per row. For a block-tridiagonal LMI of ``L`` blocks of size ``b``
+    this divides the shift by about ``L^2 / 6``. Derivation: ``theory/certificate_repair.md``.
+
     Parameters
     ----------
     a : (N, N) symmetric float64 array
     radius : float
         Entrywise bound on the distance to the matrices of interest.
+    device : str, optional
+        ``"cuda"`` runs the Cholesky factorisation on the GPU.
+    pattern : BlockPattern, optional
+        Block sparsity shared by ``a`` and the matrices of interest. Checked against ``a``; when ``a`` has a
+        non-zero outside it the dense constants are used.
 
     Returns
     -------
@@ -119,13 +190,10 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     diag = np.diag(a)
     if np.any(diag <= 0):
         return False
-    nu = (n + 1) * _U
-    if 3 * nu >= 1:
-        raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
-    trace = exact_sum(diag)
-    maxdiag = Fraction(float(np.max(diag)))
-    c = 2 * ((nu / (1 - nu)) * trace + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
-    shift = round_up(c + n * Fraction(float(radius)))
+    if pattern is not None and (sum(pattern.sizes) != n or not pattern.contains(a)):
+        log.warning("Rump's test: the matrix does not fit the given block pattern; using the dense constants.")
+        pattern = None
+    shift = rump_shift(diag, radius, pattern)
     shifted_diag = np.nextafter(diag - shift, -np.inf)
     if np.any(shifted_diag <= 0):
         return False
@@ -141,7 +209,8 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
     if device is not None and str(device).startswith("cuda"):
         import torch
 
-        return float(torch.linalg.eigvalsh(torch.as_tensor(m, dtype=torch.float64, device=device))[-1])
+        mat = torch.as_tensor(m, dtype=torch.float64, device=device)
+        return float(torch.linalg.eigvalsh(mat)[-1])
     if n <= 400:
         return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
@@ -156,13 +225,18 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
 
 
 def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float | None = None,
-                                 tries: int = 10, device: str | None = None, first: float | None = None) -> float:
+                                 tries: int = 10, device: str | None = None, first: float | None = None,
+                                 pattern: BlockPattern | None = None, try_zero: bool = True) -> float:
     """A rigorous ``delta >= 0`` with ``M <= delta I`` for every symmetric ``M`` within ``radius`` of ``m``.
 
-    Starts from a floating-point estimate of ``lambda_max(m)`` plus the predicted Rump shift and
-    enlarges the margin until :func:`rump_positive_definite` proves ``delta I - M`` positive definite.
-    ``first`` is tried before anything else (e.g. the ``delta`` a saved certificate recorded; it is proved
-    again, not trusted).
+    Tries ``delta = 0`` and Rump's shift first (enough when ``lambda_max(m) <= 0``, the usual case for
+    solver answers: each try is one Cholesky factorisation, much cheaper than an eigenvalue estimate of a
+    large LMI); then starts from a floating-point estimate of ``lambda_max(m)`` (``estimate``, or computed)
+    plus the shift and enlarges the margin until :func:`rump_positive_definite` proves ``delta I - M``
+    positive definite. ``first`` is tried before anything else (e.g. the ``delta`` a saved certificate
+    recorded; it is proved again, not trusted). ``pattern``: the block sparsity of ``m`` and of the matrices
+    of interest (see :func:`rump_positive_definite`). ``try_zero=False`` skips the ``delta = 0`` attempt (for
+    matrices known to be singular up to rounding, e.g. after ``rho`` was re-optimised onto the boundary).
 
     Raises
     ------
@@ -170,27 +244,81 @@ def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float |
         If no ``delta`` could be proved (non-finite input).
     """
     n = m.shape[0]
-    lam = largest_eigenvalue(m, device) if estimate is None else estimate
-    if not math.isfinite(lam):
-        raise ArithmeticError("the LMI matrix has non-finite entries or eigenvalues.")
-    diag_abs = float(np.sum(np.abs(np.diag(m))))
+    if not np.all(np.isfinite(m)):
+        raise ArithmeticError("the LMI matrix has non-finite entries.")
+    neg_diag = -np.diag(m)
     scale = max(float(np.max(np.abs(m))), np.finfo(float).tiny)
-    predicted = 4.0 * (n + 1) * UNIT_ROUNDOFF * (diag_abs + n * max(lam, 0.0)) + n * radius
-    excess = max(2.0 * predicted, 64 * UNIT_ROUNDOFF * scale)
-    candidates = [] if first is None else [first]
-    if lam + excess < 0:
-        candidates.append(0.0)
-    for i in range(tries):
-        candidates.append(max(lam, 0.0) + excess * 4.0**i)
-    for delta in candidates:
-        delta = round_up(delta)
+    if pattern is not None and (sum(pattern.sizes) != n or not pattern.contains(m)):
+        log.warning("the LMI matrix does not fit its block pattern; using the dense constants of Rump's test.")
+        pattern = None
+
+    def excess(lam: float) -> float:
+        # Rump's shift for delta I - M with delta ~ lam, a margin for the rounding of the diagonal, and a floor.
+        diag = np.maximum(neg_diag + max(lam, 0.0), 0.0) + np.finfo(float).tiny
+        return 1.25 * rump_shift(diag, radius, pattern) + 64 * UNIT_ROUNDOFF * scale
+
+    def proves(delta: float) -> bool:
         a = -m
         a[np.diag_indices(n)] += delta
         # Subtracting from the diagonal rounds once per entry: widen the radius by u |a_ii|.
         r = radius + UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(a)))) * (1 + 4 * UNIT_ROUNDOFF)
-        if rump_positive_definite(a, round_up(Fraction(r)), device):
+        return rump_positive_definite(a, round_up(Fraction(r)), device, pattern)
+
+    guesses = [] if first is None else [first]
+    if estimate is None:
+        guesses += ([0.0] if try_zero else []) + [excess(0.0)]
+    for delta in guesses:
+        delta = round_up(delta)
+        if proves(delta):
+            return delta
+    lam = largest_eigenvalue(m, device) if estimate is None else estimate
+    if not math.isfinite(lam):
+        raise ArithmeticError("the LMI matrix has non-finite eigenvalues.")
+    candidates = [0.0] if lam + excess(lam) < 0 else []
+    candidates += [max(lam, 0.0) + excess(lam) * 4.0**i for i in range(tries)]
+    for delta in candidates:
+        delta = round_up(delta)
+        if proves(delta):
             return delta
     raise ArithmeticError(f"could not prove M <= delta I for any tried delta (lambda_max estimate {lam:.3e}).")
+
+
+def _top_eigenvalue_psd(op, k: int, rtol: float) -> float | None:
+    """Lanczos estimate of the largest eigenvalue of a PSD operator (matrix or LinearOperator); None if stuck."""
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    try:
+        # A fixed start vector keeps the estimate (and what is derived from it) reproducible.
+        lam = eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=rtol, v0=np.ones(k) / np.sqrt(k),
+                    maxiter=50 * k)[0]
+    except ArpackNoConvergence:
+        return None
+    return max(float(lam), 0.0)
+
+
+def spectral_norm_estimate(w: np.ndarray, rtol: float = 1e-13, gram: np.ndarray | None = None) -> float:
+    """Floating-point estimate of ``||W||_2`` (not rigorous): Lanczos on the smaller Gram matrix for large ``W``
+    (``O(mn)`` per step instead of a full SVD; ``gram``, that matrix if already formed), the SVD for small ones.
+
+    Examples
+    --------
+    >>> round(spectral_norm_estimate(np.diag([3.0, 1.0])), 12)
+    3.0
+    """
+    w = np.asarray(w, dtype=np.float64)
+    k = min(w.shape, default=0)
+    if k <= 64:
+        return float(np.linalg.norm(w, 2)) if w.size else 0.0
+    from scipy.sparse.linalg import LinearOperator
+
+    if gram is not None:
+        op = gram
+    elif w.shape[1] <= w.shape[0]:
+        op = LinearOperator((k, k), matvec=lambda v: w.T @ (w @ v), dtype=np.float64)
+    else:
+        op = LinearOperator((k, k), matvec=lambda v: w @ (w.T @ v), dtype=np.float64)
+    lam = _top_eigenvalue_psd(op, k, rtol)
+    return float(np.linalg.norm(w, 2)) if lam is None else float(np.sqrt(lam))
 
 
 def spectral_norm_upper(w: np.ndarray) -> float:
@@ -218,8 +346,12 @@ def spectral_norm_upper(w: np.ndarray) -> float:
     k = max(w.shape)
     row_norm_sq = float(np.max(np.sum(w * w, axis=0 if w.shape[1] <= w.shape[0] else 1)))
     radius = gamma(k + 2) * row_norm_sq * (1 + 1e-12)
-    s = float(np.linalg.norm(w, 2))
-    for rel in (1e-10, 1e-7, 1e-4):
+    s = spectral_norm_estimate(w, gram=g)
+    # The first margin leaves room for Rump's shift on t^2 I - G (each failed try costs a Cholesky factorisation).
+    s2 = max(s * s, np.finfo(float).tiny)
+    shift = rump_shift(np.maximum(s2 - np.diag(g), s2 * 1e-10), radius)
+    first = min(1e-4, max(1e-10, shift / s2))
+    for rel in [first] + [r for r in (1e-7, 1e-4) if r > first]:
         t = round_up(Fraction(s) * (1 + Fraction(rel)))
         t2 = round_up(Fraction(t) ** 2)
         a = -g

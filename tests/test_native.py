@@ -158,3 +158,18 @@ def test_cuda_matches_cpu():
     assert abs(program.objective @ gpu.y - program.objective @ cpu.y) <= 1e-7 * abs(program.objective @ cpu.y)
     cert = lipbound.certify(random_net([30, 20, 20, 5], seed=4), solver="native", device="cuda")
     assert cert.certified
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_cuda_check_of_a_large_lmi_matches_cpu():
+    # The GPU paths of the eigenvalue estimate and of the rho re-optimisation against the CPU ones.
+    net = random_net([784, 300, 300, 10], seed=5)
+    gpu = lipbound.certify(net, solver="native", device="cuda")
+    assert gpu.certified and gpu.eigen_defect is not None
+    from lipbound.certificate import certify_multipliers
+
+    problem = lipsdp(net)
+    report, _, raw = certify_multipliers(problem.program, np.asarray(gpu.multipliers), device=None,
+                                         solve_program=problem.solve_program)
+    assert report.certified and abs(report.bound - gpu.upper_bound) <= 1e-9 * gpu.upper_bound
+    assert abs(max(raw.eigen_defects) - gpu.eigen_defect) <= 1e-6 * max(1.0, abs(gpu.eigen_defect))

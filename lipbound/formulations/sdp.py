@@ -33,7 +33,7 @@ from lipbound.formulations import qcs
 from lipbound.formulations.signal import Lin, SignalModel, lmul, lmul_inexact
 from lipbound.network import max_slope
 from lipbound.program import LMI, Program, Term
-from lipbound.rigorous import exact_sum, round_up, spectral_norm_upper, sqrt_up
+from lipbound.rigorous import exact_sum, round_up, spectral_norm_estimate, spectral_norm_upper, sqrt_up
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,14 +63,14 @@ def _norm_upper(lin: Lin, n: int) -> Fraction:
 
 
 def _float_norm(lin: Lin) -> float:
-    return float(np.ldexp(1.0 if lin.mat is None else float(np.linalg.norm(lin.mat, 2)), lin.power))
+    return float(np.ldexp(1.0 if lin.mat is None else spectral_norm_estimate(lin.mat), lin.power))
 
 
 def _signal_gains(model: SignalModel, rigorous: bool, scales: list[int] | None = None):
     """Upper bounds ``g_b >= ||v_b|| / ||dx||`` (rigorous Fractions, or float estimates)."""
     norm = (lambda lin, n: _norm_upper(lin, n)) if rigorous else (lambda lin, n: Fraction(_float_norm(lin)))
     w_in = Fraction(spectral_norm_upper(model.input_map)) if rigorous else Fraction(
-        float(np.linalg.norm(model.input_map, 2)))
+        spectral_norm_estimate(model.input_map))
     gains = [Fraction(1)]
     for k, stage in enumerate(model.stages, start=1):
         s = Fraction(max_slope(stage.layer))
