@@ -137,16 +137,34 @@ class LMI:
         return BlockPattern(tuple(int(b) for b in self.block_sizes), adj)
 
     def assemble(self, y: np.ndarray) -> np.ndarray:
-        """Dense symmetric float64 matrix ``M(y)`` (the lower triangle is mirrored, so it is exactly symmetric)."""
+        """Dense symmetric float64 matrix ``M(y)``, exactly symmetric.
+
+        Off-diagonal blocks receive each product and its transpose in the same order, so they mirror exactly;
+        identity terms only touch the diagonal. Only diagonal blocks that received a computed product (which
+        rounding can make slightly asymmetric) get their lower triangle mirrored.
+        """
         off = self.offsets
         m = np.zeros((self.size, self.size))
+        dirty = set()
         for t in self.terms:
-            block = t.product(t.diagonal_values(y))
+            d = t.diagonal_values(y)
             rs, cs = slice(off[t.row], off[t.row + 1]), slice(off[t.col], off[t.col + 1])
+            if t.row == t.col and t.left is None and t.right is None:
+                idx = np.arange(off[t.row], off[t.row + 1])
+                m[idx, idx] += d
+                if t.mirror:
+                    m[idx, idx] += d
+                continue
+            block = t.product(d)
             m[rs, cs] += block
             if t.row != t.col or t.mirror:
                 m[cs, rs] += block.T
-        return np.tril(m) + np.tril(m, -1).T
+            if t.row == t.col:
+                dirty.add(t.row)
+        for b in dirty:
+            s = slice(off[b], off[b + 1])
+            m[s, s] = np.tril(m[s, s]) + np.tril(m[s, s], -1).T
+        return m
 
     def rounding_radius(self, y: np.ndarray) -> float:
         """A bound ``r`` with ``|assemble(y)_ij - M(y)_ij| <= r`` for every entry (exact-arithmetic ``M``).

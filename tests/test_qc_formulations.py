@@ -242,3 +242,49 @@ def test_deel_torchlip_modules_keep_their_semantics():
         np.testing.assert_allclose(net(x).numpy(), model(x).numpy(), atol=1e-12)
     cert = certify(net)
     assert cert.upper_bound >= lipbound.lower_bound(net, n_starts=16, steps=10).value
+
+
+def _reference_assembly(lmi, y):
+    """Every product added densely, then the lower triangle mirrored (the definition of the assembled LMI)."""
+    off = lmi.offsets
+    m = np.zeros((lmi.size, lmi.size))
+    for t in lmi.terms:
+        block = t.product(t.diagonal_values(y))
+        rs, cs = slice(off[t.row], off[t.row + 1]), slice(off[t.col], off[t.col + 1])
+        m[rs, cs] += block
+        if t.row != t.col or t.mirror:
+            m[cs, rs] += block.T
+    return np.tril(m) + np.tril(m, -1).T
+
+
+@pytest.mark.parametrize("case", ["neuron", "layer", "linf", "nsr", "nsr-coupled", "rr", "residual", "implicit",
+                                  "householder"])
+def test_lmi_assembly_is_exactly_symmetric_and_matches_the_dense_definition(case):
+    from lipbound.api import build_problem
+
+    rng = np.random.default_rng(0)
+    if case == "implicit":
+        problem = build_problem(implicit_net(0), "lipsdp-nsr")
+    elif case == "residual":
+        net = Network.from_layers([Affine(rng.standard_normal((4, 3))),
+                                   ResidualBlock(Affine(rng.standard_normal((4, 4))), GroupSortLayer(4, 2)),
+                                   Affine(rng.standard_normal((2, 4)))])
+        problem = build_problem(net, "lipsdp-nsr", coupled=True)
+    elif case == "householder":
+        net = Network.from_layers([Affine(rng.standard_normal((4, 3))), HouseholderLayer(rng.standard_normal((2, 2))),
+                                   Affine(rng.standard_normal((2, 4)))])
+        problem = build_problem(net, "lipsdp-nsr", coupled=True)
+    else:
+        act = "maxmin" if case.startswith("nsr") or case == "rr" else "relu"
+        net = lipbound.from_weights([rng.standard_normal((6, 5)), rng.standard_normal((6, 6)),
+                                     rng.standard_normal((3, 6))], act)
+        method = {"neuron": "lipsdp-neuron", "layer": "lipsdp-layer", "linf": "lipsdp-neuron", "nsr": "lipsdp-nsr",
+                  "nsr-coupled": "lipsdp-nsr", "rr": "lipsdp-rr"}[case]
+        problem = build_problem(net, method, norm="linf" if case == "linf" else "l2",
+                                output_index=1 if case == "linf" else None, coupled=case == "nsr-coupled")
+    for program in (problem.program, problem.solve_program):
+        for lmi in program.lmis:
+            y = rng.standard_normal(program.n_vars)
+            m = lmi.assemble(y)
+            assert np.array_equal(m, m.T)
+            assert np.array_equal(m, _reference_assembly(lmi, y))
