@@ -152,9 +152,10 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     not fix (the underlying ``gamma_k`` bound holds for any order).
 
     With a block ``pattern`` (every non-zero of ``a`` and of the matrices of interest lies in its blocks) the
-    constants use the structure, as in the proof's sparse form (Higham, *Accuracy and Stability*, Thm 10.3 and
-    the remark after it): the computed factor's rows stay inside the row envelope of ``a`` (products with exact
-    zeros are exact zeros), so each inner product has at most ``w - 1`` non-zero terms and ``gamma_{N+1}``
+    constants use the structure (the same ``gamma_k`` analysis of Higham, *Accuracy and Stability*, Ch. 3 and
+    Thm 10.3, counting non-zero terms only): the computed factor's rows stay inside the row envelope of ``a``
+    (products with exact zeros are exact zeros), so each inner product has at most ``w - 1`` non-zero terms and
+    ``gamma_{N+1}``
     becomes ``gamma_{w+1}``; the error matrix is bounded entrywise by ``gamma_{w+1} s_i s_j`` on the pairs whose
     envelopes overlap and is zero elsewhere, so its norm is at most ``gamma_{w+1} max_i s_i sum_{j ~ i} s_j``
     (row sums of a non-negative symmetric matrix) instead of ``gamma_{N+1} tr(A)``; the perturbation of size
