@@ -143,6 +143,20 @@ def test_iteration_limit_returns_a_point_with_status():
     assert result.info["iterations"] <= 3
 
 
+def test_without_convergence_the_best_dual_feasible_iterate_is_returned(caplog):
+    program = lipsdp(random_net([6, 8, 8, 3], seed=6)).solve_program
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        result = NativeSolver().solve(program, max_iter=9)
+    assert result.status == "max_iter"
+    feasible_objectives = [float(r.getMessage().split("obj ")[1].split()[0]) for r in caplog.records
+                           if "native it" in r.getMessage() and "dinf 0.00e+00" in r.getMessage()]
+    assert feasible_objectives, "the run never became dual feasible; use more iterations"
+    value = float(program.objective @ result.y)
+    assert value == pytest.approx(min(feasible_objectives), rel=1e-9)
+    for lmi in program.lmis:  # strictly feasible in floating point
+        assert np.all(np.linalg.eigvalsh(lmi.assemble(result.y)) < 0)
+
+
 def test_unknown_option_is_rejected():
     program = lipsdp(random_net([3, 4, 2], seed=1)).solve_program
     with pytest.raises(SolverError, match="unknown option"):

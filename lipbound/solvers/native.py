@@ -417,8 +417,10 @@ class NativeSolver:
         -------
         SolveResult
             ``status`` is ``"optimal"`` when ``tol`` was met, else ``"max_iter"`` or ``"stalled"``
-            with the best iterate; ``info`` has ``gap`` (relative), ``iterations``, ``device``,
-            ``primal_infeasibility``, ``dual_infeasibility``, ``objective`` and ``lower_objective``.
+            with the best iterate (the strictly dual-feasible one of lowest objective when there is one, since
+            each of those is a valid answer, else the one of smallest residuals); ``info`` has ``gap``
+            (relative), ``iterations``, ``device``, ``primal_infeasibility``, ``dual_infeasibility``,
+            ``objective`` and ``lower_objective``.
         """
         unknown = set(options) - set(_OPTIONS)
         if unknown:
@@ -614,6 +616,7 @@ class _Run:
         norm_c = math.sqrt(sum(float(torch.linalg.norm(cm)) ** 2 for cm in c_mats))
 
         best = (math.inf, y.clone(), {})
+        best_feasible = (math.inf, None, {})
         status = "max_iter"
         alpha_p = alpha_d = 1.0
         x_chols = [torch.linalg.cholesky(xm) for xm in x_mats]
@@ -644,6 +647,9 @@ class _Run:
                     "objective": -dobj, "lower_objective": -pobj, "mu": mu}
             if merit < best[0]:
                 best = (merit, y.clone(), dict(info))
+            if self.dual_feasible and -dobj < best_feasible[0]:
+                # Every dual-feasible iterate is a valid answer; the lowest objective is the best one.
+                best_feasible = (-dobj, y.clone(), dict(info))
             self._say("native it %3d  obj %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e  mu %.2e  "
                       "step %.3f %.3f", it, -dobj, -pobj, gap, pinf, dinf, mu, alpha_p, alpha_d)
             if merit <= self.tol:
@@ -670,7 +676,9 @@ class _Run:
                 break
         if status == "optimal":
             return y.cpu().numpy(), status, info
-        merit, y_best, info_best = best
+        # Without convergence (e.g. the primal residual stagnating while the dual iterates still improve), return
+        # the dual-feasible iterate with the lowest objective if there is one, else the one of smallest merit.
+        merit, y_best, info_best = best if best_feasible[1] is None else (None,) + best_feasible[1:]
         return y_best.cpu().numpy(), status, info_best
 
     def _iterate(self, y: torch.Tensor, x_mats: list[torch.Tensor], z_mats: list[torch.Tensor], x_lp: torch.Tensor,
