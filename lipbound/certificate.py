@@ -75,7 +75,6 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
                      if c != 0), Fraction(0))
     total = objective
     deltas: list[float] = []
-    defects: tuple[float, ...] = ()
     for t, (lmi, weight) in enumerate(zip(program.lmis, program.repair_weights, strict=True)):
         m = lmi.assemble(y)
         radius = lmi.rounding_radius(y)
@@ -84,13 +83,13 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
             delta = negative_semidefinite_defect(m, radius, device=device, first=hint, pattern=lmi.pattern,
                                                  try_zero=not (rho_on_boundary and t == program.rho_lmi))
         except ArithmeticError as exc:
-            return CheckReport(False, None, float(objective), tuple(deltas), defects,
+            return CheckReport(False, None, float(objective), tuple(deltas), (),
                                tuple(program.repair_weights), reason=str(exc))
         deltas.append(delta)
         if delta == 0:
             continue
         if not math.isfinite(weight):
-            return CheckReport(False, None, float(objective), tuple(deltas), defects,
+            return CheckReport(False, None, float(objective), tuple(deltas), (),
                                tuple(program.repair_weights),
                                reason="the LMI is not strictly feasible and no finite norm bound B exists for its "
                                       "signals (non-contractive implicit layer)")
@@ -101,9 +100,9 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
         core = round_up(total)
     bound = core * program.scale
     if not math.isfinite(bound):
-        return CheckReport(False, None, float(objective), tuple(deltas), defects,
+        return CheckReport(False, None, float(objective), tuple(deltas), (),
                            tuple(program.repair_weights), reason="certified bound overflowed")
-    return CheckReport(True, bound, float(objective), tuple(deltas), defects, tuple(program.repair_weights))
+    return CheckReport(True, bound, float(objective), tuple(deltas), (), tuple(program.repair_weights))
 
 
 def _replace(report: CheckReport, **changes) -> CheckReport:

@@ -230,6 +230,12 @@ def _check_min_norm(min_l2_norm: float) -> float:
     return m
 
 
+def _check_box_problem(coefficients, eps, lower, upper, min_l2_norm) -> tuple[np.ndarray, float, _Iv, float]:
+    """Validated ``(a, eps, box, min_l2_norm)`` of the functions that bound PolyNorm on a box."""
+    return (_check_coefficients(coefficients), _check_eps(eps), _check_box(lower, upper),
+            _check_min_norm(min_l2_norm))
+
+
 def _check_box(lower: np.ndarray | Sequence[float], upper: np.ndarray | Sequence[float]) -> _Iv:
     lo = np.array(lower, dtype=np.float64).reshape(-1)
     hi = np.array(upper, dtype=np.float64).reshape(-1)
@@ -347,10 +353,7 @@ def polynorm_jacobian_enclosure(coefficients: Sequence[float] | np.ndarray, eps:
     >>> bool(np.all(lo <= hi))
     True
     """
-    a = _check_coefficients(coefficients)
-    eps = _check_eps(eps)
-    x = _check_box(lower, upper)
-    min_l2_norm = _check_min_norm(min_l2_norm)
+    a, eps, x, min_l2_norm = _check_box_problem(coefficients, eps, lower, upper, min_l2_norm)
     dim = x.lo.size
     total = _Iv(np.zeros((dim, dim)), np.zeros((dim, dim)))
     off_mask = ~np.eye(dim, dtype=bool)
@@ -409,10 +412,7 @@ def polynorm_output_enclosure(coefficients: Sequence[float] | np.ndarray, eps: f
     >>> bool(np.all((lo <= y) & (y <= hi)))
     True
     """
-    a = _check_coefficients(coefficients)
-    eps = _check_eps(eps)
-    x = _check_box(lower, upper)
-    min_l2_norm = _check_min_norm(min_l2_norm)
+    a, eps, x, min_l2_norm = _check_box_problem(coefficients, eps, lower, upper, min_l2_norm)
     dim = x.lo.size
     root_d = sqrt_up(dim)
     total = _Iv(np.full(dim, a[0]), np.full(dim, a[0]))
@@ -613,10 +613,7 @@ def polynorm_local_bounds(coefficients: Sequence[float] | np.ndarray, eps: float
     >>> b["global"], round(b["bound"], 6)
     (2.0, 2.0)
     """
-    a = _check_coefficients(coefficients)
-    eps = _check_eps(eps)
-    x = _check_box(lower, upper)
-    min_l2_norm = _check_min_norm(min_l2_norm)
+    a, eps, x, min_l2_norm = _check_box_problem(coefficients, eps, lower, upper, min_l2_norm)
     jlo, jhi = polynorm_jacobian_enclosure(a, eps, x.lo, x.hi, min_l2_norm)
     norms = interval_matrix_norm_upper(jlo, jhi)
     out = {

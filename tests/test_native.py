@@ -13,7 +13,7 @@ from lipbound.formulations import lipsdp
 from lipbound.program import LMI, Program, Term
 from lipbound.solvers import SOLVERS, available_solvers, get_solver
 from lipbound.solvers.native import NativeSolver
-from tests.conftest import random_net
+from tests.conftest import FORMULATION_CASES, formulation_problem, random_net
 
 ACTIVATIONS = [("relu", {}), ("tanh", {}), ("leaky_relu", {"negative_slope": -0.5})]
 # The last two have input dim > first width, so solvers get the QR-reduced program.
@@ -189,39 +189,9 @@ def test_cuda_check_of_a_large_lmi_matches_cpu():
     assert abs(max(raw.eigen_defects) - gpu.eigen_defect) <= 1e-6 * max(1.0, abs(gpu.eigen_defect))
 
 
-def _formulation_case(case: str):
-    from lipbound.api import build_problem
-    from lipbound.network import Affine, GroupSortLayer, HouseholderLayer, Network, ResidualBlock
-    from tests.test_qc_formulations import implicit_net
-
-    rng = np.random.default_rng(11)
-    if case == "implicit":
-        return build_problem(implicit_net(1), "lipsdp-nsr")
-    if case in ("residual", "residual-linf"):
-        net = Network.from_layers([Affine(rng.standard_normal((4, 3))),
-                                   ResidualBlock(Affine(rng.standard_normal((4, 4)) / 2), GroupSortLayer(4, 2)),
-                                   Affine(rng.standard_normal((2, 4)))])
-        linf = case.endswith("linf")
-        return build_problem(net, "lipsdp-nsr", norm="linf" if linf else "l2", output_index=0 if linf else None,
-                             coupled=True)
-    if case == "householder":
-        net = Network.from_layers([Affine(rng.standard_normal((4, 3))), HouseholderLayer(rng.standard_normal((2, 2))),
-                                   Affine(rng.standard_normal((2, 4)))])
-        return build_problem(net, "lipsdp-nsr", coupled=True)
-    act = "relu" if case in ("neuron", "layer", "neuron-linf") else "maxmin"
-    net = lipbound.from_weights([rng.standard_normal((6, 5)), rng.standard_normal((6, 6)),
-                                 rng.standard_normal((3, 6))], act)
-    method = {"neuron": "lipsdp-neuron", "layer": "lipsdp-layer", "neuron-linf": "lipsdp-neuron",
-              "nsr": "lipsdp-nsr", "nsr-coupled": "lipsdp-nsr", "nsr-linf": "lipsdp-nsr", "rr": "lipsdp-rr"}[case]
-    linf = case.endswith("linf")
-    return build_problem(net, method, norm="linf" if linf else "l2", output_index=1 if linf else None,
-                         coupled=case == "nsr-coupled")
-
-
-@pytest.mark.parametrize("case", ["neuron", "layer", "neuron-linf", "nsr", "nsr-coupled", "nsr-linf", "rr",
-                                  "residual", "residual-linf", "implicit", "householder"])
+@pytest.mark.parametrize("case", FORMULATION_CASES)
 def test_agrees_with_clarabel_on_every_formulation(case):
-    problem = _formulation_case(case)
+    problem = formulation_problem(case, 11)
     ours, ref, result = objectives(problem.solve_program)
     assert result.status == "optimal", result.info
     assert abs(ours - ref) <= 1e-6 * max(abs(ref), 1e-12)

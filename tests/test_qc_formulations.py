@@ -10,8 +10,8 @@ from scipy.stats import ortho_group
 import lipbound
 from lipbound import Affine, Network
 from lipbound.activations import ActivationSpec
-from lipbound.network import GroupSortLayer, HouseholderLayer, ImplicitLayer, ResidualBlock, SlopeRestricted
-from tests.conftest import shared_file
+from lipbound.network import GroupSortLayer, HouseholderLayer, ResidualBlock, SlopeRestricted
+from tests.conftest import FORMULATION_CASES, formulation_problem, implicit_net, shared_file
 
 I2 = np.eye(2)
 
@@ -158,15 +158,6 @@ def test_residual_soundness_and_rr(seed, n_blocks, act):
         assert rr.upper_bound >= lipbound.lower_bound(net, n_starts=12, steps=6, seed=seed).value * (1 - 1e-9)
 
 
-def implicit_net(seed, contraction=0.6, act="tanh"):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((4, 4))
-    w *= contraction / np.linalg.norm(w, 2)
-    activation = SlopeRestricted(ActivationSpec(act), 4) if act != "maxmin" else GroupSortLayer(4, 2)
-    layer = ImplicitLayer(w, rng.standard_normal((4, 3)), activation, rng.standard_normal(4) * 0.1)
-    return Network.from_layers([Affine(np.eye(3)), layer, Affine(rng.standard_normal((2, 4)))])
-
-
 @pytest.mark.parametrize("act", ["tanh", "relu", "maxmin"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_implicit_layers(act, seed):
@@ -257,31 +248,10 @@ def _reference_assembly(lmi, y):
     return np.tril(m) + np.tril(m, -1).T
 
 
-@pytest.mark.parametrize("case", ["neuron", "layer", "linf", "nsr", "nsr-coupled", "rr", "residual", "implicit",
-                                  "householder"])
+@pytest.mark.parametrize("case", FORMULATION_CASES)
 def test_lmi_assembly_is_exactly_symmetric_and_matches_the_dense_definition(case):
-    from lipbound.api import build_problem
-
     rng = np.random.default_rng(0)
-    if case == "implicit":
-        problem = build_problem(implicit_net(0), "lipsdp-nsr")
-    elif case == "residual":
-        net = Network.from_layers([Affine(rng.standard_normal((4, 3))),
-                                   ResidualBlock(Affine(rng.standard_normal((4, 4))), GroupSortLayer(4, 2)),
-                                   Affine(rng.standard_normal((2, 4)))])
-        problem = build_problem(net, "lipsdp-nsr", coupled=True)
-    elif case == "householder":
-        net = Network.from_layers([Affine(rng.standard_normal((4, 3))), HouseholderLayer(rng.standard_normal((2, 2))),
-                                   Affine(rng.standard_normal((2, 4)))])
-        problem = build_problem(net, "lipsdp-nsr", coupled=True)
-    else:
-        act = "maxmin" if case.startswith("nsr") or case == "rr" else "relu"
-        net = lipbound.from_weights([rng.standard_normal((6, 5)), rng.standard_normal((6, 6)),
-                                     rng.standard_normal((3, 6))], act)
-        method = {"neuron": "lipsdp-neuron", "layer": "lipsdp-layer", "linf": "lipsdp-neuron", "nsr": "lipsdp-nsr",
-                  "nsr-coupled": "lipsdp-nsr", "rr": "lipsdp-rr"}[case]
-        problem = build_problem(net, method, norm="linf" if case == "linf" else "l2",
-                                output_index=1 if case == "linf" else None, coupled=case == "nsr-coupled")
+    problem = formulation_problem(case, 0)
     for program in (problem.program, problem.solve_program):
         for lmi in program.lmis:
             y = rng.standard_normal(program.n_vars)

@@ -123,7 +123,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sparse.mm(a, b) if a.is_sparse else a @ b
 
 
-def _sparse(mat: sp.spmatrix, device: torch.device, dense: bool = False) -> torch.Tensor:
+def _operator(mat: sp.spmatrix, device: torch.device, dense: bool = False) -> torch.Tensor:
     """``mat`` on ``device``: a sparse tensor, or a dense one when ``dense`` (small maps: BLAS beats sparse kernels)."""
     if dense:
         return torch.tensor(sp.csr_matrix(mat).toarray(), dtype=torch.float64, device=device)
@@ -210,8 +210,8 @@ class _StructuredLMI:
         self.n_pairs = uniq.shape[0]
         # Pair-to-multiplier maps small enough are kept dense (e.g. 260 x 101 for LipSDP-Neuron on 784-50-50-10).
         dense = coef.shape[0] * coef.shape[1] <= _DENSE_MAP_ENTRIES
-        self.coef = _sparse(coef, device, dense)
-        self.coef_t = _sparse(coef.T, device, dense)
+        self.coef = _operator(coef, device, dense)
+        self.coef_t = _operator(coef.T, device, dense)
         self.const = torch.tensor(const, device=device)
         self.pair_groups = []
         for a, b in sorted(set(zip(ga.tolist(), gb.tolist(), strict=True))):
@@ -231,22 +231,24 @@ class _StructuredLMI:
         self.ca = torch.tensor(starts[ga[act]] + ia[act], device=device)
         self.cb = torch.tensor(starts[gb[act]] + ib[act], device=device)
         coef_act = coef[act]
-        self.coef_act_t = _sparse(coef_act.T, device, dense)
+        self.coef_act_t = _operator(coef_act.T, device, dense)
         n_act = act.size
-        rows = max(1, _CHUNK_ELEMENTS // max(n_act, 1))
-        self.chunks = [(q0, min(q0 + rows, n_act), _sparse(coef_act[q0:q0 + rows].T, device, dense))
-                       for q0 in range(0, n_act, rows)]
-        self.flat = None
+        # Few pairs: flat indices of the four pair-by-pair gathers; otherwise row chunks of bounded size.
+        self.flat, self.chunks = None, []
         if n_act * n_act <= _FLAT_GATHER_ENTRIES:
             a, b = self.ca, self.cb
             self.flat = tuple(u[:, None] * self.m + v[None, :] for u, v in ((b, a), (a, b), (a, a), (b, b)))
+        else:
+            rows = max(1, _CHUNK_ELEMENTS // n_act)
+            self.chunks = [(q0, min(q0 + rows, n_act), _operator(coef_act[q0:q0 + rows].T, device, dense))
+                           for q0 in range(0, n_act, rows)]
 
     def _empty(self, n_vars: int):
         dev = self.device
         self.n_pairs, self.m, self.pair_groups, self.active_groups, self.chunks = 0, 0, [], [], []
         self.flat = None
-        self.coef = _sparse(sp.csr_matrix((0, n_vars)), dev)
-        self.coef_t = _sparse(sp.csr_matrix((n_vars, 0)), dev)
+        self.coef = _operator(sp.csr_matrix((0, n_vars)), dev)
+        self.coef_t = _operator(sp.csr_matrix((n_vars, 0)), dev)
         self.coef_act_t = self.coef_t
         self.const = torch.zeros(0, dtype=torch.float64, device=dev)
         self.ca = self.cb = torch.zeros(0, dtype=torch.long, device=dev)
@@ -678,7 +680,7 @@ class _Run:
             return y.cpu().numpy(), status, info
         # Without convergence (e.g. the primal residual stagnating while the dual iterates still improve), return
         # the dual-feasible iterate with the lowest objective if there is one, else the one of smallest merit.
-        merit, y_best, info_best = best if best_feasible[1] is None else (None,) + best_feasible[1:]
+        _, y_best, info_best = best if best_feasible[1] is None else best_feasible
         return y_best.cpu().numpy(), status, info_best
 
     def _iterate(self, y: torch.Tensor, x_mats: list[torch.Tensor], z_mats: list[torch.Tensor], x_lp: torch.Tensor,
