@@ -38,6 +38,7 @@ _FORWARD = {
     "elu": (lambda x, p: F.elu(x, p["alpha"]), {"alpha": 1.0}),
     "softplus": (lambda x, p: F.softplus(x, beta=p["beta"], threshold=math.inf), {"beta": 1.0}),
     "gelu": (lambda x, p: F.gelu(x), {}),
+    "gelu_tanh": (lambda x, p: F.gelu(x, approximate="tanh"), {}),
     "silu": (lambda x, p: F.silu(x), {}),
     "mish": (lambda x, p: F.mish(x), {}),
     "polyrelu": (lambda x, p: _polyrelu(x, p["coefficients"]), {"coefficients": (0.0, 1.0)}),

@@ -504,6 +504,28 @@ def _ndtr_enc(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(_dn(v - err), 0.0, 1.0), np.clip(_up(v + err), 0.0, 1.0)
 
 
+# tanh-form GELU constants k = sqrt(2/pi) and c = 0.044715, enclosed (the bounds hold for the exact constants and
+# for their float64 roundings).
+_GT_K = (math.nextafter(0.7978845608028654, 0.0), math.nextafter(0.7978845608028654, 1.0))
+_GT_C = (math.nextafter(0.044715, 0.0), math.nextafter(0.044715, 1.0))
+
+
+def _interval_product(alo, ahi, blo, bhi) -> tuple[np.ndarray, np.ndarray]:
+    """Outward-rounded ``[alo, ahi] * [blo, bhi]`` (finite or infinite ends, no NaN inputs)."""
+    p = np.stack([alo * blo, alo * bhi, ahi * blo, ahi * bhi])
+    return _dn(np.nanmin(p, axis=0)), _up(np.nanmax(p, axis=0))
+
+
+def _gelu_tanh_enc(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x (1 + tanh u) / 2 = x sigma(2u)``, ``u = k (x + c x^3)``: ``2u`` is enclosed and ``sigma`` is increasing."""
+    sq = _dn(x * x), _up(x * x)
+    cube = _mul_pt(x, *sq)
+    slo, shi = _interval_product(_GT_C[0], _GT_C[1], *cube)
+    slo, shi = _dn(x + slo), _up(x + shi)
+    ylo, yhi = _interval_product(2.0 * _GT_K[0], 2.0 * _GT_K[1], slo, shi)
+    return _mul_pt(x, _sigmoid_enc(ylo)[0], _sigmoid_enc(yhi)[1])
+
+
 def _poly_range(coefficients: tuple[float, ...], p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Natural interval extension of ``sum_i a_i x^i`` on ``[p, q]``, ``0 <= p <= q`` (powers are monotone)."""
     lo = np.full(p.shape, coefficients[0])
@@ -545,6 +567,8 @@ def _eval(spec: ActivationSpec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             lo, hi = _softplus_enc(xf, float(p["beta"]))
         elif name == "gelu":
             lo, hi = _mul_pt(xf, *_ndtr_enc(xf))
+        elif name == "gelu_tanh":
+            lo, hi = _gelu_tanh_enc(xf)
         elif name == "silu":
             lo, hi = _mul_pt(xf, *_sigmoid_enc(xf))
         elif name == "mish":
@@ -573,7 +597,7 @@ def _valley(spec: ActivationSpec) -> tuple[float, float, float, float] | None:
         return (0.0, 0.0, 0.0, 0.0) if p["negative_slope"] < 0 else None
     if name == "elu":
         return (0.0, 0.0, 0.0, 0.0) if p["alpha"] < 0 else None
-    if name not in ("gelu", "silu", "mish"):
+    if name not in ("gelu", "gelu_tanh", "silu", "mish"):
         return None  # relu, identity, tanh, sigmoid, softplus (any beta) are non-decreasing
 
     def dphi(t: float) -> float:

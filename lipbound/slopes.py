@@ -56,10 +56,13 @@ PolyReLU:
     sympy's real-root isolation over the rationals (the float coefficients are exact rationals) and
     refined to width ``2^-48``; ``d`` is monotone between them, so its range on ``[p, u]`` is spanned
     by ``d(p)``, ``d(u)`` and enclosures of ``d`` on the root brackets met by ``[p, u]``.
-GELU, SiLU, Mish (monotonicity decomposition verified by interval arithmetic):
+GELU (erf and tanh forms), SiLU, Mish (monotonicity decomposition verified by interval arithmetic):
     ``phi''`` factors as a positive function times a simple sign function ``h``:
 
     * GELU: ``phi'' = pdf(x) (2 - x^2)``;
+    * GELU, tanh form (``nn.GELU(approximate="tanh")``, ``phi = x (1 + tanh u) / 2``, ``u = k (x + c x^3)``,
+      ``k = sqrt(2/pi)``, ``c = 0.044715``, both enclosed): ``phi'' = sech^2(u) k (1 + 3cx^2)^2 h(x)`` with
+      ``h = r (2 - r) - k x tanh(u)``, ``r = 1 / (1 + 3cx^2)``;
     * SiLU: ``phi'' = sigma'(x) (2 - x tanh(x / 2))``;
     * Mish: ``phi'' = sech^2(sp(x)) sigma(x) h(x)`` with ``sp`` = softplus, ``w = e^x`` and
       ``h = 2 + x (2 + 2w - 3w^2 - 2w^3) / ((1 + w)(w^2 + 2w + 2))``.
@@ -74,7 +77,7 @@ GELU, SiLU, Mish (monotonicity decomposition verified by interval arithmetic):
     enclosures of ``phi'(l)``, ``phi'(u)`` and of ``phi'`` over each such bracket (intersected with
     ``[l, u]``). Bracket enclosures use the centred form ``phi'(c) + phi''(X) (X - c)``, intersected
     with the natural interval extension, so they cost rounding errors only. The global range adds
-    the limits at ``+-inf`` (0 and 1 for all three). Nothing is sampled.
+    the limits at ``+-inf`` (0 and 1 for all four). Nothing is sampled.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ ACTIVATION_NAMES: tuple[str, ...] = (
     "elu",
     "softplus",
     "gelu",
+    "gelu_tanh",
     "silu",
     "mish",
     "polyrelu",
@@ -117,6 +121,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "elu": {"alpha": 1.0},
     "softplus": {"beta": 1.0, "threshold": None},
     "gelu": {},
+    "gelu_tanh": {},
     "silu": {},
     "mish": {},
     "polyrelu": {"coefficients": (0.0, 1.0)},
@@ -332,6 +337,55 @@ def _gelu_d2(x: _Iv) -> _Iv:
     return _mul(_gelu_pdf(x), _gelu_h(x))
 
 
+# GELU, tanh form: phi = x (1 + tanh(u)) / 2 = x sigma(2u), u = k (x + c x^3), k = sqrt(2/pi), c = 0.044715. The
+# constants are enclosed, so every bound holds for the exact ones and for their float64 roundings (torch's).
+_GT_K = _const("0.79788456080286535587989211986876373695171726232987")
+_GT_C = _const("0.044715")
+_GT_3C = _mul(_THREE, _GT_C)
+
+
+def _gelu_tanh_u(x: _Iv) -> _Iv:
+    """``u(x) = k (x + c x^3)``, increasing in ``x``: enclosed end by end."""
+
+    def at(p: np.ndarray) -> _Iv:
+        q = _pt(p)
+        return _mul(_GT_K, _add(q, _mul(_GT_C, _mul(_sqr(q), q))))
+
+    lo = at(x.lo)
+    return _Iv(lo.lo, (lo if x.hi is x.lo else at(x.hi)).hi)
+
+
+def _gelu_tanh_du(x: _Iv) -> _Iv:
+    """``u'(x) = k (1 + 3 c x^2)``."""
+    return _mul(_GT_K, _add(_ONE, _mul(_GT_3C, _sqr(x))))
+
+
+def _gelu_tanh_sech2(u: _Iv) -> _Iv:
+    """``sech^2(u) = 1 - tanh^2(u)`` (even, decreasing in ``|u|``), without cancellation."""
+    return _even_unimodal(_sech2_point, u.lo, u.hi)
+
+
+def _gelu_tanh_d1(x: _Iv) -> _Iv:
+    """``phi' = sigma(2u) + x sech^2(u) u' / 2`` (``(1 + tanh u) / 2 = sigma(2u)`` avoids cancellation)."""
+    u = _gelu_tanh_u(x)
+    return _add(_sigmoid(_mul(_TWO, u)), _mul(_mul(_HALF, x), _mul(_gelu_tanh_sech2(u), _gelu_tanh_du(x))))
+
+
+def _gelu_tanh_d2(x: _Iv) -> _Iv:
+    """``phi'' = sech^2(u) (u' + x u''/2 - x tanh(u) u'^2)`` with ``x u''/2 = 3 k c x^2``."""
+    u = _gelu_tanh_u(x)
+    du = _gelu_tanh_du(x)
+    inner = _sub(_add(du, _mul(_mul(_GT_K, _GT_3C), _sqr(x))), _mul(_mul(x, _tanh(u)), _sqr(du)))
+    return _mul(_gelu_tanh_sech2(u), inner)
+
+
+def _gelu_tanh_h(x: _Iv) -> _Iv:
+    """Sign factor: ``phi'' / (sech^2(u) k (1 + 3cx^2)^2) = r (2 - r) - k x tanh(u)``, ``r = 1 / (1 + 3cx^2)``
+    (bounded on the unbounded tails, where the unscaled factor would give ``inf - inf``)."""
+    r = _div(_ONE, _add(_ONE, _mul(_GT_3C, _sqr(x))))
+    return _sub(_mul(r, _sub(_TWO, r)), _mul(_GT_K, _mul(x, _tanh(_gelu_tanh_u(x)))))
+
+
 def _silu_dsig(x: _Iv) -> _Iv:
     return _mul(_sigmoid(x), _sigmoid(_neg(x)))  # sigma' = sigma(x) sigma(-x)
 
@@ -418,6 +472,7 @@ class _Smooth(NamedTuple):
 
 _SMOOTH: dict[str, _Smooth] = {
     "gelu": _Smooth(_gelu_d1, _gelu_d2, _gelu_h, 0.0, 1.0),
+    "gelu_tanh": _Smooth(_gelu_tanh_d1, _gelu_tanh_d2, _gelu_tanh_h, 0.0, 1.0),
     "silu": _Smooth(_silu_d1, _silu_d2, _silu_h, 0.0, 1.0),
     "mish": _Smooth(_mish_d1, _mish_d2, _mish_h, 0.0, 1.0),
 }
@@ -473,11 +528,21 @@ def _enclose_range(d1: Callable[[_Iv], _Iv], d2: Callable[[_Iv], _Iv], x: _Iv) -
 
 
 def _point_d1(spec: _Smooth, x: np.ndarray) -> _Iv:
-    """Enclosure of ``phi'(x)`` at float points, with limits at ``+-inf``."""
+    """Enclosure of ``phi'(x)`` at float points, with limits at ``+-inf``.
+
+    Beyond the window ``|x| >= W`` the sign of ``phi''`` is proved constant (:func:`_isolate_sign_changes`), so
+    ``phi'(x)`` lies between ``phi'(+-W)`` and the limit; that hull is met with the direct enclosure, which can be
+    loose for huge ``|x|`` (e.g. ``x sech^2(u) u'`` evaluates to ``[0, inf] * 0``-like products).
+    """
     finite = np.isfinite(x)
     v = spec.d1(_pt(np.where(finite, x, 0.0)))
     lim = np.where(x < 0, spec.lim_neg, spec.lim_pos)
-    return _where(finite, v, _pt(lim))
+    v = _where(finite, v, _pt(lim))
+    far = np.abs(x) >= _WINDOW
+    if np.any(far):
+        edge = spec.d1(_pt(np.where(x < 0, -_WINDOW, _WINDOW)))
+        v = _where(far, _meet(v, _hull(edge, _pt(lim))), v)
+    return v
 
 
 def _smooth_local(name: str, lower: np.ndarray, upper: np.ndarray) -> _Iv:

@@ -56,6 +56,7 @@ CONFIGS: list[tuple[str, dict]] = [
     ("softplus", {"beta": 4.0}),
     ("softplus", {"beta": -2.0}),
     ("gelu", {}),
+    ("gelu_tanh", {}),
     ("silu", {}),
     ("mish", {}),
     ("polyrelu", {"coefficients": (0.2, 1.0, -1.0, 0.5)}),
@@ -101,6 +102,9 @@ def phi_mp(spec: ActivationSpec):
         return lambda t: mpmath.log1p(mpmath.exp(b * t)) / b
     if name == "gelu":
         return lambda t: t * mpmath.ncdf(t)
+    if name == "gelu_tanh":
+        # t (1 + tanh u) / 2 = t sigma(2u), without cancellation
+        return lambda t: t * _sig(2 * mpmath.sqrt(2 / mpmath.pi) * (t + mpmath.mpf("0.044715") * t**3))
     if name == "silu":
         return lambda t: t * _sig(t)
     if name == "mish":
@@ -439,11 +443,11 @@ def test_relu_relaxation_is_the_crown_triangle():
     assert np.all(il <= 0) and np.all(iu >= [0.75, 0.75, 0.0, 0.0, 0.6])
 
 
-@pytest.mark.parametrize("name", ["gelu", "silu", "mish"])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "mish"])
 def test_valley_minimum_is_enclosed(name):
     spec = ActivationSpec(name)
     a, b, m_lo, m_hi = bd._valley(spec)
-    expected = {"gelu": -0.7518, "silu": -1.2785, "mish": -1.1924}[name]
+    expected = {"gelu": -0.7518, "gelu_tanh": -0.7525, "silu": -1.2785, "mish": -1.1924}[name]
     assert a < b and abs(a - expected) < 1e-3 and b - a < 1e-6
     f = phi_mp(spec)
     with mpmath.workdps(DPS):

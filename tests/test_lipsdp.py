@@ -14,7 +14,7 @@ from tests.conftest import random_net, shared_file
 SOUNDNESS_ACTIVATIONS = [
     ("relu", {}), ("leaky_relu", {"negative_slope": 0.1}), ("leaky_relu", {"negative_slope": -0.5}),
     ("tanh", {}), ("sigmoid", {}), ("elu", {"alpha": 0.7}), ("elu", {"alpha": 2.0}), ("softplus", {}),
-    ("identity", {}), ("gelu", {}), ("silu", {}), ("mish", {}),
+    ("identity", {}), ("gelu", {}), ("gelu_tanh", {}), ("silu", {}), ("mish", {}),
 ]
 
 

@@ -41,6 +41,7 @@ CONFIGS: list[tuple[str, dict]] = [
     ("softplus", {"beta": 4.0}),
     ("softplus", {"beta": 0.5, "threshold": 20.0}),
     ("gelu", {}),
+    ("gelu_tanh", {}),
     ("silu", {}),
     ("mish", {}),
     ("polyrelu", {}),
@@ -65,6 +66,11 @@ def _sig(t):
     return 1 / (1 + mpmath.exp(-t))
 
 
+def _gelu_tanh_u(t):
+    """``u = k (t + c t^3)`` of the tanh form of GELU, ``k = sqrt(2/pi)``, ``c = 0.044715`` (exact)."""
+    return mpmath.sqrt(2 / mpmath.pi) * (t + mpmath.mpf("0.044715") * t**3)
+
+
 def phi_mp(name: str, params: dict):
     """The activation in mpmath (call inside ``mpmath.workdps``)."""
     if name == "relu":
@@ -86,6 +92,8 @@ def phi_mp(name: str, params: dict):
         return lambda t: mpmath.log1p(mpmath.exp(b * t)) / b
     if name == "gelu":
         return lambda t: t * mpmath.ncdf(t)
+    if name == "gelu_tanh":
+        return lambda t: t * _sig(2 * _gelu_tanh_u(t))  # = t (1 + tanh u) / 2 without cancellation
     if name == "silu":
         return lambda t: t * _sig(t)
     if name == "mish":
@@ -115,6 +123,10 @@ def dphi_mp(name: str, params: dict):
         return lambda t: _sig(b * t)
     if name == "gelu":
         return lambda t: mpmath.ncdf(t) + t * mpmath.npdf(t)
+    if name == "gelu_tanh":
+        k, c = mpmath.sqrt(2 / mpmath.pi), mpmath.mpf("0.044715")
+        return lambda t: (_sig(2 * _gelu_tanh_u(t))
+                          + t * mpmath.sech(_gelu_tanh_u(t)) ** 2 * k * (1 + 3 * c * t**2) / 2)
     if name == "silu":
         return lambda t: _sig(t) + t * _sig(t) * _sig(-t)
     if name == "mish":
@@ -149,6 +161,10 @@ def critical_points(name: str, params_key: tuple) -> tuple:
             return (-mpmath.sqrt(2), mpmath.sqrt(2))
         if name == "silu":
             r = mpmath.findroot(lambda t: 2 - t * mpmath.tanh(t / 2), 2.4)
+            return (-r, r)
+        if name == "gelu_tanh":
+            d = dphi_mp(name, params)
+            r = mpmath.findroot(lambda t: mpmath.diff(d, t), 1.42)
             return (-r, r)
         if name == "mish":
             d = dphi_mp(name, params)
@@ -204,6 +220,8 @@ def phi_float(name: str, params: dict, x: np.ndarray) -> np.ndarray:
         y = F.softplus(t, beta=params.get("beta", 1.0), threshold=math.inf)
     elif name == "gelu":
         y = F.gelu(t)
+    elif name == "gelu_tanh":
+        y = F.gelu(t, approximate="tanh")
     elif name == "silu":
         y = F.silu(t)
     elif name == "mish":
@@ -251,7 +269,8 @@ def assert_quotients_inside(name: str, params: dict, lo: float, hi: float, seed:
 intervals = st.one_of(
     st.tuples(st.floats(-12, 12), st.floats(-12, 12)).map(sorted),
     st.tuples(st.floats(-6, 6), st.floats(-14, 0.5)).map(lambda cw: sorted((cw[0], cw[0] + 10 ** cw[1]))),
-    st.tuples(st.sampled_from([-2.3993572805154677, -2.2563763963607931, -1.4142135623730951, 0.0,
+    st.tuples(st.sampled_from([-2.3993572805154677, -2.2563763963607931, -1.4142135623730951, -1.4185040087908284,
+                               1.4185040087908284, 0.0,
                                1.4905711794854285, 1.4142135623730951, 2.3993572805154677, 0.5, 1.5, 3.0]),
               st.floats(-13, -1), st.floats(-13, -1))
     .map(lambda c: (c[0] - 10 ** c[1], c[0] + 10 ** c[2])),
@@ -306,7 +325,7 @@ def _torch_phi(name: str, params: dict, t: torch.Tensor) -> torch.Tensor:
     if name == "elu":
         return F.elu(t, params.get("alpha", 1.0))
     fn = {"relu": torch.relu, "identity": lambda v: v * 1.0, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-          "gelu": F.gelu, "silu": F.silu, "mish": F.mish}[name]
+          "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "mish": F.mish}[name]
     return fn(t)
 
 
@@ -440,6 +459,13 @@ def test_global_values():
     assert lo <= 1 - m and hi >= m and hi - m < 1e-14 and (1 - m) - lo < 1e-14
     assert global_slope_bounds("silu") == pytest.approx((-0.0998393201288669, 1.0998393201288669), abs=1e-14)
     assert global_slope_bounds("mish") == pytest.approx((-0.1125261223894626, 1.0884981612517279), abs=1e-14)
+    # tanh form of GELU: phi' at its critical points +-1.41850400879082836 (mpmath, 50 digits).
+    lo, hi = global_slope_bounds("gelu_tanh")
+    with mpmath.workdps(50):
+        r = critical_points("gelu_tanh", ())[1]
+        d = dphi_mp("gelu_tanh", {})
+        assert _mpf(lo) <= d(-r) and _mpf(hi) >= d(r)
+        assert float(d(-r)) - lo < 1e-14 and hi - float(d(r)) < 1e-14
 
 
 @pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
@@ -455,7 +481,7 @@ def test_whole_line_equals_global(name, params):
 
 
 def test_critical_point_brackets():
-    for name in ("gelu", "silu", "mish"):
+    for name in ("gelu", "gelu_tanh", "silu", "mish"):
         br = slopes._smooth_brackets(name)
         roots = critical_points(name, ())
         assert br.shape == (2, 2)
@@ -502,7 +528,7 @@ def test_inclusion_monotone(name, params):
 
 def test_activation_names_covered():
     assert ACTIVATION_NAMES == ("relu", "leaky_relu", "identity", "tanh", "sigmoid", "elu", "softplus",
-                                "gelu", "silu", "mish", "polyrelu")
+                                "gelu", "gelu_tanh", "silu", "mish", "polyrelu")
     assert {n for n, _ in CONFIGS} == set(ACTIVATION_NAMES)
 
 
@@ -565,3 +591,38 @@ def test_libm_error_margins():
             errs = margin(pts, vals) + slopes._LIBM_ABS
             for x, v, e in zip(pts, vals, errs, strict=True):
                 assert abs(_mpf(v) - f_mp(_mpf(x))) <= _mpf(e), (f, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# GELU, tanh form
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gelu_tanh_constants_enclose_torchs():
+    """The enclosed k and c contain both the exact constants and the float64 values torch computes with."""
+    torch_k = math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5  # M_SQRT2 * M_2_SQRTPI * 0.5 in ATen
+    with mpmath.workdps(50):
+        for enclosure, exact, used in ((slopes._GT_K, mpmath.sqrt(2 / mpmath.pi), torch_k),
+                                       (slopes._GT_C, mpmath.mpf("0.044715"), 0.044715)):
+            lo, hi = float(enclosure.lo), float(enclosure.hi)
+            assert _mpf(lo) <= exact <= _mpf(hi) and lo <= used <= hi
+
+
+def test_gelu_tanh_differs_from_erf_form_and_matches_torch():
+    a, b = global_slope_bounds("gelu_tanh")
+    c, d = global_slope_bounds("gelu")
+    assert abs(a - c) > 1e-5 and abs(b - d) > 1e-5  # a different function, not an alias
+    x = torch.cat([torch.linspace(-6, 6, 2001), torch.linspace(-1.43, -1.41, 2001), torch.linspace(1.41, 1.43, 2001)])
+    x = x.to(torch.float64).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)
+    assert float(g.min()) >= a - 1e-12 and float(g.max()) <= b + 1e-12
+    assert float(g.min()) - a < 1e-6 and b - float(g.max()) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "mish"])
+def test_far_tails_are_tight(name):
+    """Beyond the sign-verification window phi' is proved monotone, so huge ends keep tight ranges."""
+    a, b = slope_bounds(name, np.array([100.0, 1e200, -1e300]), np.array([1e300, np.inf, -1e200]))
+    np.testing.assert_allclose(a, [1.0, 1.0, 0.0], atol=1e-14)
+    np.testing.assert_allclose(b, [1.0, 1.0, 0.0], atol=1e-14)
+    assert a[1] <= 1.0 <= b[1] and a[2] <= 0.0 <= b[2]
