@@ -18,6 +18,7 @@ from lipbound.errors import (
     FormulationError,
     LipboundError,
     NetworkError,
+    OptionError,
     SolverError,
     UnsupportedLayerError,
 )
@@ -39,7 +40,7 @@ __all__ = [
     "GroupSortLayer", "HouseholderLayer", "ImplicitLayer", "ResidualBlock",
     "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
-    "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "SlopeRestricted", "SolverError",
+    "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError", "SlopeRestricted", "SolverError",
     "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_torch", "from_weights", "load",
     "lower_bound", "verify_certificate",
 ]

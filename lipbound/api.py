@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import numbers
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from lipbound.certificate import Certificate, certify_multipliers, check_program
-from lipbound.errors import FormulationError, SolverError
+from lipbound.errors import FormulationError, OptionError, SolverError
 from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound
 from lipbound.importers import from_torch, load
 from lipbound.network import Network
+from lipbound.options import check_solver, check_solver_options
+from lipbound.progress import Progress
 from lipbound.solvers import choose_solver, get_solver
 
 log = logging.getLogger("lipbound")
@@ -34,19 +39,61 @@ def as_network(model, input_shape=None, activation: str = "relu", architecture: 
     raise TypeError(f"cannot certify a {type(model).__name__}: pass a lipbound.Network, an nn.Module or a path.")
 
 
-def applicable_methods(network: Network) -> list[str]:
-    """The methods that apply to a network (``--method all``): LipSDP-Layer/Neuron for slope-restricted
-    activations only; NSR (and RR when every group layer is MaxMin) otherwise."""
+@dataclass(frozen=True)
+class MethodPlan:
+    """Which methods ``method="all"`` runs on a network, and why the others are skipped.
+
+    Attributes
+    ----------
+    run : tuple of str
+        Methods that apply and give a bound of their own, in :data:`METHODS` order.
+    skipped : dict
+        ``method -> reason`` for every other method of :data:`METHODS`.
+    """
+
+    run: tuple[str, ...]
+    skipped: dict = field(default_factory=dict)
+
+
+def plan_methods(network: Network) -> MethodPlan:
+    """The methods that apply to ``network`` (``--method all``), with the reason for each one skipped.
+
+    LipSDP-Layer/Neuron need slope-restricted activations only. LipSDP-NSR adds quadratic constraints for
+    GroupSort/MaxMin/Householder layers and LipSDP-RR rewrites MaxMin layers, so on a network without such layers
+    both build exactly the LipSDP-Neuron program: they are skipped there (the bound would be LipSDP-Neuron's).
+    RR applies only when every such layer is a MaxMin (GroupSort of group size 2).
+
+    Examples
+    --------
+    >>> import numpy as np, lipbound
+    >>> plan = plan_methods(lipbound.from_weights([np.eye(2), np.eye(2)], "maxmin"))
+    >>> plan.run, sorted(plan.skipped)
+    (('mp', 'lipsdp-nsr', 'lipsdp-rr'), ['lipsdp-layer', 'lipsdp-neuron'])
+    """
     from lipbound.formulations.lipsdp import _leaf_activations
     from lipbound.network import GroupSortLayer, SlopeRestricted
 
-    leaves = list(_leaf_activations(network))
-    if all(isinstance(a, SlopeRestricted) for a in leaves):
-        return ["mp", "lipsdp-layer", "lipsdp-neuron"]
-    methods = ["mp", "lipsdp-nsr"]
-    if all(isinstance(a, SlopeRestricted) or (isinstance(a, GroupSortLayer) and a.group_size == 2) for a in leaves):
-        methods.append("lipsdp-rr")
-    return methods
+    other = [a for a in _leaf_activations(network) if not isinstance(a, SlopeRestricted)]
+    listing = ", ".join(f"{a.name} ({type(a).__name__})" for a in other)
+    skipped: dict[str, str] = {}
+    if other:
+        reason = f"needs slope-restricted activations; this network has {listing}"
+        skipped["lipsdp-layer"] = skipped["lipsdp-neuron"] = reason
+        not_maxmin = [a for a in other if not (isinstance(a, GroupSortLayer) and a.group_size == 2)]
+        if not_maxmin:
+            skipped["lipsdp-rr"] = ("rewrites MaxMin (GroupSort of group size 2) only; this network has "
+                                    + ", ".join(f"{a.name} ({type(a).__name__})" for a in not_maxmin))
+    else:
+        skipped["lipsdp-nsr"] = ("same program as lipsdp-neuron on this network: NSR adds constraints for "
+                                 "GroupSort/MaxMin/Householder layers only, and it has none")
+        skipped["lipsdp-rr"] = ("same program as lipsdp-neuron on this network: RR rewrites MaxMin layers only, "
+                                "and it has none")
+    return MethodPlan(tuple(m for m in METHODS if m not in skipped), skipped)
+
+
+def applicable_methods(network: Network) -> list[str]:
+    """The methods ``method="all"`` runs on ``network`` (see :func:`plan_methods` for the skipped ones)."""
+    return list(plan_methods(network).run)
 
 
 def build_problem(network: Network, method: str, norm: str = "l2", output_index: int | None = None,
@@ -93,11 +140,52 @@ def localise(network: Network, domain, bounds_method: str = "crown") -> Network:
     return local_slopes(network, domain, bounds_method)
 
 
+_BOUNDS_METHODS = ("crown", "ibp")
+#: Scaling exponents beyond this size cannot come from a float network (|log2| of a float64 is < 1,100).
+_MAX_EXPONENT = 4096
+
+
+def _check_options(method: str, norm: str, solver: str, output_index, coupled, domain, bounds_method: str,
+                   flags: dict, solver_options: dict) -> str:
+    """Validate everything :func:`certify` takes before any work starts; return the solver's name."""
+    from lipbound.bounds import Ball, Box
+
+    if method not in METHODS:
+        raise FormulationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if norm not in NORMS:
+        raise FormulationError(f"unknown norm {norm!r}; supported: {', '.join(NORMS)}.")
+    if output_index is not None:
+        if isinstance(output_index, bool) or not isinstance(output_index, numbers.Integral):
+            raise OptionError(f"output_index must be an integer (the output row bounded in norm='linf'), got "
+                              f"{output_index!r}.")
+        if norm != "linf":
+            raise OptionError(f"output_index={output_index} applies to norm='linf' only (it picks the scalar output "
+                              "whose l-infinity bound is computed); the l2 bound covers all outputs at once. Drop "
+                              "output_index or pass norm='linf'.")
+    if not isinstance(coupled, bool):
+        raise OptionError(f"coupled must be True or False, got {coupled!r}.")
+    if coupled and method != "lipsdp-nsr":
+        raise OptionError(f"coupled=True applies to method='lipsdp-nsr' only (it adds NSR's S and P multipliers); "
+                          f"got method={method!r}.")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise OptionError(f"{name} must be True or False, got {value!r}.")
+    if bounds_method not in _BOUNDS_METHODS:
+        raise OptionError(f"unknown bounds_method {bounds_method!r}; choose one of {', '.join(_BOUNDS_METHODS)}.")
+    if domain is not None and not isinstance(domain, (Box, Ball)):
+        raise OptionError(f"domain must be a lipbound.Box or lipbound.Ball, got {type(domain).__name__}.")
+    name = check_solver(solver)
+    check_solver_options(name, solver_options)
+    return name
+
+
 def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str = "auto",
             input_shape=None, activation: str = "relu", output_index: int | None = None, coupled: bool = False,
             domain=None, bounds_method: str = "crown", polish: bool = True, verbose: bool = False,
             reduce_input: bool = True, **solver_options) -> Certificate:
     """Certified upper bound on the Lipschitz constant of ``model``.
+
+    Every option is validated before any work starts: an unknown or mistyped one raises an error naming it.
 
     Parameters
     ----------
@@ -116,7 +204,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     activation : str
         Activation of weight-only files.
     output_index : int, optional
-        The output row bounded by ``norm="linf"`` (required when there are several outputs).
+        ``norm="linf"`` only: the output row bounded (required when there are several outputs).
     coupled : bool
         ``lipsdp-nsr`` only: include the S and P multipliers (the full QC) instead of S = P = 0.
     domain : lipbound.Box or lipbound.Ball, optional
@@ -125,17 +213,30 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         slope 0, stably active ones 1), which replace the global ones. The region is stored in the certificate.
     polish : bool
         Re-optimise ``rho`` for the solver's multipliers before checking (never loosens the bound).
+    verbose : bool
+        Show the solver's own output (progress is logged at INFO on ``logging.getLogger("lipbound")`` always).
     reduce_input : bool
         l2: hand the solver the LMI with the input block reduced by a QR factorisation of the first weight
         (same optimum, smaller cone; the certificate always checks the unreduced LMI). ``False`` gives the solver
         the plain LipSDP program as the peers' code builds it (for comparisons).
     **solver_options
-        Passed to the solver (e.g. ``eps_abs=1e-9`` for SCS, ``max_iter=500`` for Clarabel).
+        Settings of the solver, checked by name and type before solving: ``tol``, ``max_iter``, ``device``,
+        ``step_fraction``, ``lanczos_steps``, ``threads`` (native); Clarabel's settings (``max_iter``,
+        ``tol_gap_rel``, ...); SCS's (``eps_abs``, ``max_iters``, ...). MOSEK/SDPA settings pass through.
 
     Returns
     -------
     Certificate
         ``certified`` is ``True`` only if the rigorous check passed; ``upper_bound`` is then sound.
+
+    Raises
+    ------
+    FormulationError
+        Unknown method or norm, or a method that does not apply to the network.
+    OptionError
+        An option that is unknown, mistyped, out of range or meaningless for the method/norm.
+    SolverError
+        An unknown or unavailable solver, or a solver that failed.
 
     Examples
     --------
@@ -144,33 +245,41 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     >>> cert.certified, round(cert.upper_bound, 6)
     (True, 1.0)
     """
-    if method not in METHODS:
-        raise FormulationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if norm not in NORMS:
-        raise FormulationError(f"unknown norm {norm!r}; supported: {', '.join(NORMS)}.")
+    solver_name = _check_options(method, norm, solver, output_index, coupled, domain, bounds_method,
+                                 {"polish": polish, "verbose": verbose, "reduce_input": reduce_input},
+                                 solver_options)
     start = time.perf_counter()
     network = as_network(model, input_shape, activation)
     sizes = {"dims": list(network.dims), "n_hidden": network.n_hidden}
     options = {"output_index": output_index, "coupled": coupled, "domain": domain_to_dict(domain),
                "bounds_method": bounds_method, "reduce_input": reduce_input}
+    if domain is not None:
+        log.info("%s: local slope ranges on the %s domain (%s)", method, type(domain).__name__, bounds_method)
     network = localise(network, domain, bounds_method)
     if method == "mp":
         bound, estimate = product_bound(network, norm, output_index)
         return Certificate(bound, True, estimate, method, "closed-form", norm, "closed_form",
                            time_s=time.perf_counter() - start, sizes=sizes, network=network.summary(),
                            options=options)
+    log.info("%s: formulating the %s program", method, norm)
     problem = build_problem(network, method, norm, output_index, coupled, reduce_input=reduce_input)
     t_form = time.perf_counter() - start
-    solver_name = choose_solver(problem.solve_program) if solver == "auto" else solver.lower()
+    if solver_name == "auto":
+        solver_name = choose_solver(problem.solve_program)
+        check_solver_options(solver_name, solver_options)
     result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)
     t_solve = time.perf_counter() - start - t_form
+    log.info("%s: %s returned '%s' after %.2f s; rigorous check of its answer (LMI sizes %s)", method, solver_name,
+             result.status, t_solve, [lmi.size for lmi in problem.program.lmis])
     device = solver_options.get("device") if solver_name == "native" else None
     report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device,
                                          solve_program=problem.solve_program)
     sizes.update(problem.program.sizes)
     sizes["solve_lmi_sizes"] = [lmi.size for lmi in problem.solve_program.lmis]
     timings = {"formulate_s": t_form, "solve_s": t_solve, "check_s": time.perf_counter() - start - t_form - t_solve}
-    if not report.certified:
+    if report.certified:
+        log.info("%s: certified %.10g (check %.2f s)", method, report.bound, timings["check_s"])
+    else:
         log.warning("certification failed for %s/%s: %s", method, solver_name, report.reason)
     return Certificate(
         upper_bound=report.bound, certified=report.certified, solver_bound=problem.solve_program.value(result.y),
@@ -190,20 +299,99 @@ def _jsonable(info: dict) -> dict:
 
 @dataclass(frozen=True)
 class Verification:
-    """Outcome of :func:`verify_certificate`."""
+    """Outcome of :func:`verify_certificate`: ``valid`` and, when it is not, the ``reason``."""
 
     valid: bool
     recomputed_bound: float | None
     reason: str = ""
 
 
-def verify_certificate(certificate: Certificate, model, input_shape=None, activation: str = "relu") -> Verification:
-    """Re-check a (possibly saved) certificate against a network from scratch.
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _real_list(value, what: str, *, integers: bool = False) -> str:
+    """Why ``value`` is not a list of finite reals (integers), or ``""``."""
+    if not isinstance(value, (list, tuple)):
+        return f"{what} must be a list, got {type(value).__name__}"
+    kind = numbers.Integral if integers else numbers.Real
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, kind):
+            return f"{what}[{i}] must be {'an integer' if integers else 'a real number'}, got {v!r}"
+        if not integers and not math.isfinite(v):
+            return f"{what}[{i}] is not finite ({v!r})"
+    return ""
+
+
+def _parse_certificate(certificate) -> tuple[Certificate | None, str]:
+    """The certificate as a :class:`Certificate` whose fields have the types the check needs, or the reason why
+    it is not one. Accepts a Certificate, its ``to_dict()`` or its JSON text."""
+    if isinstance(certificate, str):
+        try:
+            certificate = json.loads(certificate)
+        except ValueError as exc:
+            return None, f"the certificate is not valid JSON ({exc})"
+    if isinstance(certificate, dict):
+        known = {f.name for f in fields(Certificate)}
+        unknown = sorted(set(certificate) - known, key=str)
+        if unknown:
+            return None, f"unknown certificate field(s): {', '.join(map(str, unknown))}"
+        missing = [f.name for f in fields(Certificate) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in certificate]
+        if missing:
+            return None, f"missing certificate field(s): {', '.join(missing)}"
+        certificate = Certificate(**certificate)
+    if not isinstance(certificate, Certificate):
+        return None, f"expected a lipbound.Certificate, its dict or JSON, got {type(certificate).__name__}"
+    c = certificate
+    if c.certified is not True:
+        return None, "the certificate does not claim a certified bound"
+    if not _is_real(c.upper_bound) or not math.isfinite(c.upper_bound):
+        return None, f"the claimed bound {c.upper_bound!r} is not a finite number"
+    if not isinstance(c.method, str) or c.method not in METHODS:
+        return None, f"unknown method {c.method!r}"
+    if not isinstance(c.norm, str) or c.norm not in NORMS:
+        return None, f"unknown norm {c.norm!r}"
+    opts = c.options if c.options is not None else {}
+    if not isinstance(opts, dict):
+        return None, f"options must be a dict, got {type(opts).__name__}"
+    index = opts.get("output_index")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, numbers.Integral)):
+        return None, f"output_index must be an integer or null, got {index!r}"
+    if index is not None and c.norm != "linf":
+        return None, f"output_index applies to norm 'linf' only, the certificate is for {c.norm!r}"
+    if not isinstance(opts.get("coupled", False), bool):
+        return None, f"coupled must be true or false, got {opts.get('coupled')!r}"
+    if opts.get("bounds_method", "crown") not in _BOUNDS_METHODS:
+        return None, f"unknown bounds_method {opts.get('bounds_method')!r}"
+    if c.method != "mp":
+        for value, what, integers in ((c.multipliers, "multipliers", False), (c.exponents, "exponents", True),
+                                      (c.deltas if c.deltas is not None else [], "deltas", False)):
+            problem = _real_list(value, what, integers=integers)
+            if problem:
+                return None, problem
+        if any(abs(e) > _MAX_EXPONENT for e in c.exponents):
+            return None, f"scaling exponents out of range (|e| <= {_MAX_EXPONENT}): {list(c.exponents)}"
+        if any(d < 0 for d in c.deltas or []):
+            return None, "deltas must be >= 0"
+    return c, ""
+
+
+def verify_certificate(certificate, model, input_shape=None, activation: str = "relu") -> Verification:
+    """Re-check a (possibly saved) certificate against a network from scratch. Never raises.
 
     The program is rebuilt from the network and the stored scaling exponents; the stored
     multipliers are checked rigorously; the certificate is valid iff the recomputed certified bound
     is finite and ``<= certificate.upper_bound``. Nothing stored besides the multipliers, the
-    exponents and the claimed bound is trusted.
+    exponents and the claimed bound is trusted. A certificate that does not fit the network (other sizes, a
+    domain of another dimension, another number of multipliers), a corrupted one (wrong types or lengths, NaN,
+    an unknown method) and a model that cannot be imported all give ``valid=False`` with the ``reason``.
+
+    Parameters
+    ----------
+    certificate : Certificate, dict (``Certificate.to_dict()``) or str (its JSON)
+    model : Network, nn.Module or path
+    input_shape, activation : as for :func:`certify`
 
     Examples
     --------
@@ -211,43 +399,111 @@ def verify_certificate(certificate: Certificate, model, input_shape=None, activa
     >>> net = lipbound.from_weights([np.eye(2), np.eye(2)])
     >>> lipbound.verify_certificate(lipbound.certify(net), net).valid
     True
+    >>> lipbound.verify_certificate({"certified": True}, net).reason
+    'missing certificate field(s): upper_bound, solver_bound, method, solver, norm, status'
     """
-    network = as_network(model, input_shape, activation)
-    if not certificate.certified or certificate.upper_bound is None:
-        return Verification(False, None, "the certificate does not claim a certified bound")
-    opts = certificate.options or {}
+    try:
+        cert, problem = _parse_certificate(certificate)
+    except (TypeError, ValueError) as exc:  # e.g. a dict whose keys are not strings
+        return Verification(False, None, f"malformed certificate ({type(exc).__name__}: {exc})")
+    if cert is None:
+        return Verification(False, None, problem)
+    # A certificate that cannot be checked is not valid: every failure below becomes the reason.
+    try:
+        network = as_network(model, input_shape, activation)
+    except Exception as exc:
+        return Verification(False, None, f"could not build the network to check against ({type(exc).__name__}: "
+                                         f"{exc})")
+    try:
+        return _verify(cert, network)
+    except Exception as exc:
+        log.info("verify_certificate: %s: %s", type(exc).__name__, exc)
+        return Verification(False, None, f"the certificate does not fit this network ({type(exc).__name__}: "
+                                         f"{exc})")
+
+
+def _verify(cert: Certificate, network: Network) -> Verification:
+    dims = cert.sizes.get("dims") if isinstance(cert.sizes, dict) else None
+    if dims is not None and list(dims) != list(network.dims):
+        return Verification(False, None, f"the certificate is for a network with layer sizes {list(dims)}, this "
+                                         f"network has {list(network.dims)}")
+    opts = cert.options or {}
     network = localise(network, domain_from_dict(opts.get("domain")), opts.get("bounds_method", "crown"))
-    if certificate.method == "mp":
-        bound, _ = product_bound(network, certificate.norm, opts.get("output_index"))
+    if cert.method == "mp":
+        bound, _ = product_bound(network, cert.norm, opts.get("output_index"))
     else:
-        if certificate.method not in METHODS:
-            return Verification(False, None, f"unknown method {certificate.method!r}")
-        try:
-            problem = build_problem(network, certificate.method, certificate.norm, opts.get("output_index"),
-                                    bool(opts.get("coupled", False)), tuple(certificate.exponents))
-        except FormulationError as exc:
-            return Verification(False, None, str(exc))
-        report = check_program(problem.program, np.asarray(certificate.multipliers, dtype=np.float64),
-                               delta_hints=tuple(certificate.deltas) or None)
+        problem = build_problem(network, cert.method, cert.norm, opts.get("output_index"),
+                                bool(opts.get("coupled", False)), tuple(int(e) for e in cert.exponents))
+        report = check_program(problem.program, np.asarray(cert.multipliers, dtype=np.float64),
+                               delta_hints=tuple(float(d) for d in cert.deltas) or None)
         if not report.certified:
             return Verification(False, None, report.reason)
         bound = report.bound
-    if bound <= certificate.upper_bound:
+    if bound <= cert.upper_bound:
         return Verification(True, bound)
     return Verification(False, bound, f"recomputed certified bound {bound!r} exceeds the claimed "
-                                      f"{certificate.upper_bound!r}")
+                                      f"{cert.upper_bound!r}")
 
 
-def certify_all(model, methods=None, solver: str = "auto", **kwargs) -> list[Certificate]:
-    """Run several methods (default: :func:`applicable_methods`); a method whose solver fails yields an
-    uncertified entry with the reason."""
+def certify_all(model, methods=None, solver: str = "auto", progress: Progress | None = None,
+                **kwargs) -> list[Certificate]:
+    """Run several methods on one network; one :class:`Certificate` per method, in order.
+
+    ``methods=None`` runs every method that applies (:func:`plan_methods`); the others appear with status
+    ``"skipped"`` and the reason, as do planned methods that turn out not to apply (e.g. ``mp`` on a
+    non-contractive implicit layer). A method whose solver fails yields an uncertified entry with the reason.
+    Options are validated once, before the first method runs. ``coupled=True`` goes to ``lipsdp-nsr`` only.
+    ``progress(done, total, method)`` is called before each method and once at the end.
+
+    Examples
+    --------
+    >>> import numpy as np, lipbound
+    >>> certs = certify_all(lipbound.from_weights([np.eye(2), np.eye(2)]))
+    >>> [(c.method, c.status) for c in certs]  # doctest: +NORMALIZE_WHITESPACE
+    [('mp', 'closed_form'), ('lipsdp-layer', 'optimal'), ('lipsdp-neuron', 'optimal'),
+     ('lipsdp-nsr', 'skipped'), ('lipsdp-rr', 'skipped')]
+    """
     network = as_network(model, kwargs.pop("input_shape", None), kwargs.pop("activation", "relu"))
-    methods = applicable_methods(network) if methods is None else methods
-    out = []
-    for method in methods:
+    norm = kwargs.get("norm", "l2")
+    coupled = kwargs.pop("coupled", False)
+    if methods is None:
+        plan = plan_methods(network)
+        run, skipped = list(plan.run), dict(plan.skipped)
+    else:
+        run, skipped = list(methods), {}
+    if coupled and "lipsdp-nsr" not in run:
+        why = f" ({skipped['lipsdp-nsr']})" if "lipsdp-nsr" in skipped else ""
+        raise OptionError(f"coupled=True applies to lipsdp-nsr only, which does not run here{why}.")
+    solver_options = {k: v for k, v in kwargs.items() if k not in _CERTIFY_KEYWORDS}
+    for method in run:
+        _check_options(method, norm, solver, kwargs.get("output_index"), coupled and method == "lipsdp-nsr",
+                       kwargs.get("domain"), kwargs.get("bounds_method", "crown"),
+                       {k: kwargs[k] for k in ("polish", "verbose", "reduce_input") if k in kwargs}, solver_options)
+    results: dict[str, Certificate] = {}
+    for i, method in enumerate(run):
+        if progress is not None:
+            progress(i, len(run), method)
         try:
-            out.append(certify(network, method=method, solver=solver, **kwargs))
+            results[method] = certify(network, method=method, solver=solver,
+                                      coupled=coupled and method == "lipsdp-nsr", **kwargs)
         except SolverError as exc:
-            out.append(Certificate(None, False, None, method, solver, kwargs.get("norm", "l2"), "solver_error",
-                                   reason=str(exc), network=network.summary()))
+            results[method] = Certificate(None, False, None, method, solver, norm, "solver_error", reason=str(exc),
+                                          network=network.summary())
+        except FormulationError as exc:
+            if methods is not None:
+                raise
+            skipped[method] = str(exc)
+    if progress is not None:
+        progress(len(run), len(run), "done")
+    out = []
+    for method in METHODS if methods is None else run:
+        if method in results:
+            out.append(results[method])
+        elif method in skipped:
+            log.info("%s skipped: %s", method, skipped[method])
+            out.append(Certificate(None, False, None, method, "-", norm, "skipped", reason=skipped[method],
+                                   network=network.summary()))
     return out
+
+
+_CERTIFY_KEYWORDS = ("norm", "output_index", "domain", "bounds_method", "polish", "verbose", "reduce_input")

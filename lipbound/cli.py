@@ -1,6 +1,9 @@
-"""Command-line interface: ``lipbound certify``, ``lipbound demo``.
+"""Command-line interface: ``lipbound certify``, ``bounds``, ``bench``, ``demo`` (also ``python -m lipbound``).
 
-The library logs; this module prints.
+The library logs and reports progress through callbacks; this module prints. Progress of long loops is a tqdm
+bar on stderr (when stderr is a terminal); with ``-v`` the library's log lines are shown on stderr too, each
+stamped with the seconds since the command started. Exit codes: 0 every bound certified, 1 bad input or an
+error (named in the message), 2 a bound could not be certified.
 """
 
 from __future__ import annotations
@@ -8,13 +11,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from lipbound.api import METHODS, NORMS, as_network, certify_all
 from lipbound.certificate import Certificate
-from lipbound.errors import LipboundError
+from lipbound.errors import LipboundError, OptionError
 from lipbound.lower import lower_bound
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_CERTIFIED = 0, 1, 2
+
+log = logging.getLogger("lipbound")
+
+
+class UsageError(LipboundError):
+    """A command line that argparse cannot parse (exit code 1, like any bad input)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 on a usage error, which this CLI reserves for 'not certified'."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
 
 
 def _fmt(value, spec=".6g") -> str:
@@ -22,14 +46,18 @@ def _fmt(value, spec=".6g") -> str:
 
 
 def format_table(certs: list[Certificate]) -> str:
-    """A plain-text table: method, certified bound, solver value, lower bound, gap, time."""
+    """A plain-text table: method, certified bound, solver value, lower bound, gap, time; skipped methods are
+    listed below it with the reason."""
     header = f"{'method':<15}{'solver':<12}{'certified bound':>17}{'solver value':>15}{'lower bound':>13}" \
              f"{'gap (ub/lb)':>13}{'time [s]':>10}  status"
     lines = [header, "-" * len(header)]
     for c in certs:
+        if c.status == "skipped":
+            continue
         ub = _fmt(c.upper_bound) if c.certified else "NOT CERTIFIED"
         lines.append(f"{c.method:<15}{c.solver:<12}{ub:>17}{_fmt(c.solver_bound):>15}{_fmt(c.lower_bound):>13}"
                      f"{_fmt(c.gap, '.4f'):>13}{c.time_s:>10.3f}  {c.status}{(': ' + c.reason) if c.reason else ''}")
+    lines += [f"skipped {c.method}: {c.reason}" for c in certs if c.status == "skipped"]
     return "\n".join(lines)
 
 
@@ -41,33 +69,162 @@ def _json_record(c: Certificate) -> dict:
     return record
 
 
-def _domain(args):
+# -- argument types: each failure names the flag (argparse adds "argument --flag:") -----------------------------
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 20,50, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    values = [s.strip() for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _nonnegative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+
+
+def load_center(path: str, input_dim: int) -> np.ndarray:
+    """The input point of ``--center``: a ``.npy`` array or a text file of numbers, with ``input_dim`` entries.
+
+    Raises :class:`OptionError` naming the file and the expected size otherwise.
+    """
+    p = Path(path)
+    expected = f"expected a .npy array or a text file of {input_dim} numbers (the network's input size)"
+    if not p.is_file():
+        raise OptionError(f"--center {path}: no such file; {expected}.")
+    if p.suffix == ".npy":
+        try:
+            x = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise OptionError(f"--center {path}: not a readable .npy file ({exc}); {expected}.") from exc
+    else:
+        try:
+            x = np.array(p.read_text().replace(",", " ").split(), dtype=np.float64)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise OptionError(f"--center {path}: not a .npy file nor a text file of numbers ({exc}); "
+                              f"{expected}.") from exc
+    try:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"--center {path}: holds {x.dtype} data, not numbers; {expected}.") from exc
+    if x.size != input_dim:
+        raise OptionError(f"--center {path}: has {x.size} numbers, but the network takes {input_dim} inputs.")
+    if not np.all(np.isfinite(x)):
+        raise OptionError(f"--center {path}: contains NaN or inf; {expected}.")
+    return x
+
+
+def _domain(args, network):
     """The region given by --center/--radius (or None)."""
     if getattr(args, "center", None) is None:
         if getattr(args, "radius", None) is not None:
-            raise LipboundError("--radius needs --center (a .npy file with the input point).")
+            raise OptionError("--radius needs --center (a .npy or text file with the input point).")
         return None
-    import numpy as np
-
     from lipbound.bounds import Ball
 
     if args.radius is None:
-        raise LipboundError("--center needs --radius.")
-    return Ball(np.load(args.center).reshape(-1), args.radius, norm=args.ball_norm or args.norm)
+        raise OptionError("--center needs --radius.")
+    return Ball(load_center(args.center, network.input_dim), args.radius, norm=args.ball_norm or args.norm)
+
+
+# -- rendering progress ---------------------------------------------------------------------------------------
+
+
+class _ElapsedFormatter(logging.Formatter):
+    """``[  12.3s] message``: seconds since the command started."""
+
+    def __init__(self, start: float):
+        super().__init__()
+        self.start = start
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"[{record.created - self.start:7.1f}s] {level}{record.getMessage()}"
+
+
+@contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """Show the library's log on stderr (INFO with -v, else warnings), routed through tqdm so that progress bars
+    and log lines do not overwrite each other; restored afterwards."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ElapsedFormatter(time.time()))
+    saved = (log.level, log.propagate)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+@contextmanager
+def _bar(desc: str, unit: str) -> Iterator:
+    """A tqdm bar on stderr (disabled when stderr is not a terminal), as a ``progress(done, total, label)``."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+
+    def update(done: int, total: int, label: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(label, refresh=False)
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+# -- commands -------------------------------------------------------------------------------------------------
 
 
 def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=0, norm="l2", output_index=None,
                  coupled=False, domain=None) -> list[Certificate]:
-    certs = certify_all(network, methods=methods, solver=solver, verbose=verbose, norm=norm,
-                        output_index=output_index, coupled=coupled, domain=domain)
+    with _bar("certify", "method") as progress:
+        certs = certify_all(network, methods=methods, solver=solver, verbose=verbose, norm=norm,
+                            output_index=output_index, coupled=coupled, domain=domain, progress=progress)
     if domain is not None:
         print(f"local bounds on the {domain.norm} ball of radius {domain.radius:g} around the given center")
     if want_lower and norm != "l2":
         print("lower bound: only for the l2 norm; skipped")
     elif want_lower:
-        lb = lower_bound(network, seed=seed, domain=domain)
-        certs = [c.with_lower_bound(lb.value) for c in certs]
-        print(f"lower bound {lb.value:.6g} ({lb.kind}, {lb.time_s:.2f} s on {lb.device})")
+        with _bar("lower bound", "step") as progress:
+            lb = lower_bound(network, seed=seed, domain=domain, progress=progress)
+        certs = [c.with_lower_bound(lb.value) if c.status != "skipped" else c for c in certs]
+        print(f"lower bound {lb.value:.6g} ({lb.kind}, {lb.time_s:.2f} s on {lb.device}, {lb.dtype})")
     print(format_table(certs))
     if json_path:
         records = [_json_record(c) for c in certs]
@@ -76,13 +233,24 @@ def _run_certify(network, methods, solver, want_lower, json_path, verbose, seed=
     return certs
 
 
+def _exit_code(certs: list[Certificate]) -> int:
+    ran = [c for c in certs if c.status != "skipped"]
+    return EXIT_OK if ran and all(c.certified for c in ran) else EXIT_NOT_CERTIFIED
+
+
 def cmd_certify(args) -> int:
+    if args.output_index is not None and args.norm != "linf":
+        raise OptionError(f"--output-index {args.output_index} applies to --norm linf only (it picks the output "
+                          "bounded in l-infinity); the l2 bound covers all outputs. Drop it or add --norm linf.")
+    if args.coupled and args.method not in ("lipsdp-nsr", "all"):
+        raise OptionError(f"--coupled applies to --method lipsdp-nsr (or all) only; got --method {args.method}.")
     network = as_network(args.path, activation=args.activation, architecture=args.architecture)
+    domain = _domain(args, network)
     print(network.summary())
     methods = None if args.method == "all" else [args.method]
     certs = _run_certify(network, methods, args.solver, args.lower_bound, args.json, args.verbose, norm=args.norm,
-                         output_index=args.output_index, coupled=args.coupled, domain=_domain(args))
-    return 0 if all(c.certified for c in certs) else 2
+                         output_index=args.output_index, coupled=args.coupled, domain=domain)
+    return _exit_code(certs)
 
 
 def cmd_demo(args) -> int:
@@ -92,16 +260,16 @@ def cmd_demo(args) -> int:
     print(f"demo: MLP 64-32-32-10 (ReLU) trained on scikit-learn's digits, test accuracy {accuracy:.3f}")
     network = as_network(model, input_shape=64)
     certs = _run_certify(network, None, args.solver, True, args.json, args.verbose, seed=args.seed)
-    return 0 if all(c.certified for c in certs) else 2
+    return _exit_code(certs)
 
 
 def cmd_bounds(args) -> int:
     from lipbound.bounds import activation_bounds, stable_neurons
 
     network = as_network(args.path, activation=args.activation, architecture=args.architecture)
-    domain = _domain(args)
+    domain = _domain(args, network)
     if domain is None:
-        raise LipboundError("lipbound bounds needs --center and --radius.")
+        raise OptionError("lipbound bounds needs --center and --radius.")
     bounds = activation_bounds(network, domain, method=args.method)
     stable = stable_neurons(bounds)
     print(network.summary())
@@ -111,38 +279,68 @@ def cmd_bounds(args) -> int:
         inactive, active, total = stable.get(name, (0, 0, lo.size))
         print(f"{name:<24}{lo.size:>8}{lo.min():>14.5g}{hi.max():>14.5g}{(hi - lo).mean():>12.4g}{inactive:>10}"
               f"{active:>8}")
-    return 0
+    return EXIT_OK
+
+
+def _bench_names() -> set[str]:
+    """Every solver and method name a bench run can be selected by."""
+    from lipbound import bench
+    from lipbound.solvers import SOLVERS
+
+    names = set(METHODS) | set(SOLVERS) | {"auto"}
+    for runs in (getattr(bench, "LIPSDP_RUNS", []), getattr(bench, "QC_RUNS", [])):
+        names.update(name for method, solver, _ in runs for name in (method, solver) if name != "-")
+    return names
 
 
 def cmd_bench(args) -> int:
     from lipbound.bench import run_suite
 
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-    solvers = args.solvers.split(",") if args.solvers else None
-    networks = args.networks.split(",") if args.networks else None
+    if args.solvers:
+        unknown = sorted(set(args.solvers) - _bench_names())
+        if unknown:
+            raise OptionError(f"--solvers: unknown name(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(sorted(_bench_names()))}.")
+    if args.device is not None:
+        from lipbound.options import check_device
+
+        check_device(args.device, "--device")
     try:
-        run_suite(args.suite, args.out, solvers, sizes, args.timeout, args.device, networks=networks)
+        records = run_suite(args.suite, args.out, args.solvers, args.sizes, args.timeout, args.device,
+                            networks=args.networks, progress=print)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise OptionError(str(exc)) from exc
+    if not records:
+        raise OptionError(f"nothing to run: no network and run of suite {args.suite!r} matches --sizes "
+                          f"{args.sizes} / --solvers {args.solvers} / --networks {args.networks}.")
     print(f"wrote {args.out}/{args.suite}.json and {args.suite}.png")
-    return 0
+    return EXIT_OK
 
 
 def _region_args(p) -> None:
-    p.add_argument("--center", default=None, help=".npy file with the input point (local certificate)")
-    p.add_argument("--radius", type=float, default=None, help="radius of the ball around --center")
+    p.add_argument("--center", default=None, help=".npy (or text) file with the input point (local certificate)")
+    p.add_argument("--radius", type=_nonnegative, default=None, help="radius of the ball around --center")
     p.add_argument("--ball-norm", default=None, choices=list(NORMS), help="norm of the ball (default: --norm)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lipbound", description="Certified Lipschitz bounds of neural networks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show solver output")
+    from lipbound import __version__
+
+    # -v is accepted before and after the subcommand; SUPPRESS keeps a subcommand from resetting a leading -v.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show progress lines (stamped with elapsed seconds) and solver output")
+    parser = _Parser(prog="lipbound", description="Certified Lipschitz bounds of neural networks.",
+                     epilog="exit codes: 0 every bound certified, 1 bad input or error, 2 a bound not certified")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False,
+                        help="show progress lines (stamped with elapsed seconds) and solver output")
+    parser.add_argument("--version", action="version", version=f"lipbound {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("certify", help="certify a network file (.mat, .npz, .pt)")
+    p = sub.add_parser("certify", parents=[verbose], help="certify a network file (.mat, .npz, .pt)")
     p.add_argument("path")
-    p.add_argument("--method", default="lipsdp-neuron", choices=list(METHODS) + ["all"])
+    p.add_argument("--method", default="lipsdp-neuron", choices=list(METHODS) + ["all"],
+                   help="all: every method that applies (the others are listed with the reason)")
     p.add_argument("--solver", default="auto", help="auto, native, clarabel, scs, mosek, sdpa")
     p.add_argument("--norm", default="l2", choices=list(NORMS))
     p.add_argument("--output-index", type=int, default=None, help="output row bounded by --norm linf")
@@ -156,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.set_defaults(func=cmd_certify)
 
-    bd = sub.add_parser("bounds", help="pre-activation ranges and stable neurons on a ball around an input")
+    bd = sub.add_parser("bounds", parents=[verbose],
+                        help="pre-activation ranges and stable neurons on a ball around an input")
     bd.add_argument("path")
     bd.add_argument("--activation", default="relu")
     bd.add_argument("--architecture", default="feedforward", choices=["feedforward", "residual"])
@@ -165,18 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     _region_args(bd)
     bd.set_defaults(func=cmd_bounds)
 
-    b = sub.add_parser("bench", help="run methods/solvers side by side on a suite; writes JSON and a plot")
+    b = sub.add_parser("bench", parents=[verbose],
+                       help="run methods/solvers side by side on a suite; writes JSON and a plot")
     b.add_argument("suite", choices=["random", "deep", "qc"])
     b.add_argument("--out", default="bench_out")
-    b.add_argument("--sizes", default=None, help="comma-separated widths (random: n of 784-n-n-10)")
-    b.add_argument("--solvers", default=None, help="comma-separated solvers/methods to run (default: all)")
-    b.add_argument("--networks", default=None, help="comma-separated network labels of the suite to run "
-                   "(e.g. 784-500-200-50-10; default: all)")
-    b.add_argument("--timeout", type=float, default=600.0, help="seconds per run (each in its own process)")
+    b.add_argument("--sizes", type=_positive_ints, default=None,
+                   help="comma-separated widths (random: n of 784-n-n-10)")
+    b.add_argument("--solvers", type=_names, default=None,
+                   help="comma-separated solvers/methods to run (default: all)")
+    b.add_argument("--networks", type=_names, default=None, help="comma-separated network labels of the suite to "
+                   "run (e.g. 784-500-200-50-10; default: all)")
+    b.add_argument("--timeout", type=_positive, default=600.0, help="seconds per run (each in its own process)")
     b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="train a small MLP on sklearn digits (no download) and certify it")
+    d = sub.add_parser("demo", parents=[verbose],
+                       help="train a small MLP on sklearn digits (no download) and certify it with every method")
     d.add_argument("--solver", default="auto")
     d.add_argument("--epochs", type=int, default=300)
     d.add_argument("--seed", type=int, default=0)
@@ -186,13 +389,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    """Run the command line; returns the exit code (0 certified, 1 bad input or error, 2 not certified)."""
     try:
-        return args.func(args)
-    except (LipboundError, FileNotFoundError) as exc:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    with _logging(args.verbose):
+        try:
+            return args.func(args)
+        except (LipboundError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

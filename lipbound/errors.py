@@ -42,3 +42,8 @@ class SolverError(LipboundError, RuntimeError):
 
 class CertificationError(LipboundError):
     """A certificate could not be verified rigorously."""
+
+
+class OptionError(LipboundError, ValueError):
+    """An option (keyword argument, solver setting, device, command-line flag) has an unknown name, a wrong type
+    or an out-of-range value, or does not apply to the chosen method or norm. Raised before any work starts."""

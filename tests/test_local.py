@@ -37,8 +37,9 @@ def sampled_in_domain(net, domain, seed, n=1500):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(act=st.sampled_from(["relu", "tanh", "gelu", "gelu_tanh", "leaky_relu", "softplus"]), seed=st.integers(0, 10_000),
-       radius=st.sampled_from([0.01, 0.1, 1.0]), kind=st.sampled_from(["l2", "linf", "box"]))
+@given(act=st.sampled_from(["relu", "tanh", "gelu", "gelu_tanh", "leaky_relu", "softplus"]),
+       seed=st.integers(0, 10_000), radius=st.sampled_from([0.01, 0.1, 1.0]),
+       kind=st.sampled_from(["l2", "linf", "box"]))
 def test_local_bound_between_local_lower_bound_and_global_bound(act, seed, radius, kind):
     net = random_net([4, 8, 8, 2], activation=act, seed=seed, scale=1.5)
     center = np.random.default_rng(seed).standard_normal(4)

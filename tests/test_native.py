@@ -131,8 +131,8 @@ def test_info_status_logging_and_silence(caplog, capsys):
     assert result.info["device"] == "cpu" and result.info["iterations"] > 0
     assert any("native it" in r.getMessage() for r in caplog.records)
     assert capsys.readouterr().out == ""
-    NativeSolver().solve(program, verbose=True)
-    assert "native it" in capsys.readouterr().out
+    NativeSolver().solve(program, verbose=True)  # the library never prints, verbose or not (issue 10)
+    assert capsys.readouterr().out == ""
 
 
 def test_iteration_limit_returns_a_point_with_status():

@@ -402,7 +402,7 @@ class NativeSolver:
         ----------
         program : Program
         verbose : bool
-            Print one line per iteration (they are always logged at INFO on ``"lipbound"``).
+            Unused: one line per iteration is always logged at INFO on ``"lipbound"`` (shown by ``lipbound -v``).
         device : str or torch.device, optional
             ``"cpu"`` (default) or ``"cuda"``/``"cuda:k"``.
         tol : float
@@ -475,9 +475,7 @@ class _Run:
 
     # -- helpers --------------------------------------------------------------------------------------
     def _say(self, msg: str, *args) -> None:
-        log.info(msg, *args)
-        if self.verbose:
-            print(msg % args)
+        log.info(msg, *args)  # the library never prints: the caller shows INFO lines (the CLI does with -v)
 
     def _adjoint(self, mats: list[torch.Tensor], x_lp: torch.Tensor) -> torch.Tensor:
         """``sum_t A_t(Y_t) - E^T x``."""
