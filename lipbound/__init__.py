@@ -40,7 +40,8 @@ __all__ = [
     "GroupSortLayer", "HouseholderLayer", "ImplicitLayer", "ResidualBlock",
     "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
-    "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError", "SlopeRestricted", "SolverError",
+    "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError", "SlopeRestricted",
+    "SolverError",
     "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_torch", "from_weights", "load",
     "lower_bound", "verify_certificate",
 ]
