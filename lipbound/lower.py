@@ -72,6 +72,11 @@ def _as_network(model, input_shape) -> Network:
         return model
     from lipbound.api import as_network
 
+    if isinstance(model, torch.nn.Module):
+        low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+        if low:
+            log.info("lower bound: the model has %s parameters; the search evaluates the imported network (weights "
+                     "converted exactly) in float64", ", ".join(low))
     return as_network(model, input_shape=input_shape)
 
 

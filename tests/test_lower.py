@@ -79,7 +79,9 @@ def test_threads_are_restored():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_models_are_searched_in_float64(dtype):
+def test_low_precision_models_are_searched_in_float64(dtype, caplog):
+    import logging
+
     from torch import nn
 
     torch.manual_seed(0)
@@ -88,8 +90,11 @@ def test_low_precision_models_are_searched_in_float64(dtype):
         net = lipbound.api.as_network(model, input_shape=3)
     except TypeError as exc:  # the importer's conversion of bfloat16/float16 weights lands on the importer branch
         pytest.skip(f"the importer does not convert {dtype} weights yet: {exc}")
-    lb = lipbound.lower_bound(model, input_shape=3, n_starts=8, steps=5)
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        lb = lipbound.lower_bound(model, input_shape=3, n_starts=8, steps=5)
     assert lb.dtype == "float64" and lb.to_dict()["dtype"] == "float64"
+    assert any(f"the model has {dtype} parameters" in r.getMessage() and "in float64" in r.getMessage()
+               for r in caplog.records)
     weights = [m.weight.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
     assert np.array_equal(net.weights[0], weights[0])  # the exact float64 values of the low-precision weights
     a, b = (torch.from_numpy(p[None]) for p in lb.pair)
