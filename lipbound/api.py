@@ -141,6 +141,8 @@ def localise(network: Network, domain, bounds_method: str = "crown") -> Network:
 
 
 _BOUNDS_METHODS = ("crown", "ibp")
+#: Keywords of :func:`certify` that certify_all passes on besides the solver's own options.
+_CERTIFY_KEYWORDS = ("norm", "output_index", "domain", "bounds_method", "polish", "verbose", "reduce_input")
 #: Scaling exponents beyond this size cannot come from a float network (|log2| of a float64 is < 1,100).
 _MAX_EXPONENT = 4096
 
@@ -504,6 +506,3 @@ def certify_all(model, methods=None, solver: str = "auto", progress: Progress | 
             out.append(Certificate(None, False, None, method, "-", norm, "skipped", reason=skipped[method],
                                    network=network.summary()))
     return out
-
-
-_CERTIFY_KEYWORDS = ("norm", "output_index", "domain", "bounds_method", "polish", "verbose", "reduce_input")
