@@ -19,18 +19,22 @@ from lipbound.solvers import choose_solver, get_solver
 
 log = logging.getLogger("lipbound")
 
-METHODS = ("mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
+METHODS = ("mp", "lipsdp-layer", "lipsdp-channel", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
 NORMS = ("l2", "linf")
 
 
-def as_network(model, input_shape=None, activation: str = "relu", architecture: str = "feedforward") -> Network:
-    """Turn a Network, an ``nn.Module`` or a file path into a :class:`Network`."""
-    if isinstance(model, Network):
+def as_network(model, input_shape=None, activation: str = "relu", architecture: str = "feedforward",
+               trust_code: bool = False):
+    """Turn a Network/GraphNetwork, an ``nn.Module`` or a file path into the network IR."""
+    from lipbound.graph import GraphNetwork
+
+    if isinstance(model, (Network, GraphNetwork)):
         return model
     if isinstance(model, nn.Module):
         return from_torch(model, input_shape)
     if isinstance(model, (str, Path)):
-        return load(model, activation=activation, architecture=architecture)
+        return load(model, activation=activation, architecture=architecture, input_shape=input_shape,
+                    trust_code=trust_code)
     raise TypeError(f"cannot certify a {type(model).__name__}: pass a lipbound.Network, an nn.Module or a path.")
 
 
@@ -52,7 +56,7 @@ def applicable_methods(network: Network) -> list[str]:
 def build_problem(network: Network, method: str, norm: str = "l2", output_index: int | None = None,
                   coupled: bool = False, exponents=None, reduce_input: bool = True):
     """The :class:`~lipbound.formulations.LipschitzProblem` of an SDP method."""
-    if method in ("lipsdp-neuron", "lipsdp-layer"):
+    if method in ("lipsdp-neuron", "lipsdp-layer", "lipsdp-channel"):
         return lipsdp(network, method.split("-", 1)[1], exponents, reduce_input, norm=norm, output_index=output_index)
     if method == "lipsdp-nsr":
         return lipsdp_nsr(network, coupled, norm, output_index, exponents, reduce_input)
