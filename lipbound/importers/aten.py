@@ -203,15 +203,15 @@ class AtenTranslator:
             elif node.op == "call_function":
                 if not node.users:
                     continue  # dead code (e.g. the unused indices of a sort)
-                if any(v is _FAILED for v in _flatten_args([self._value(a) for a in node.args])
-                       + _flatten_args([self._value(v) for v in node.kwargs.values()])):
-                    self.values[node] = _FAILED  # downstream of a refused node: reported once, there
-                    continue
                 try:
                     self.values[node] = self._call(node)
+                except _Downstream:
+                    self.values[node] = _FAILED
                 except _Unsupported as exc:
                     self._refuse(node, str(exc))
-                    self.values[node] = _FAILED
+                    # Carry on with a stand-in of the right shape, so that every later node is checked too and
+                    # all offending nodes are reported at once (the stand-in graph is never returned).
+                    self.values[node] = self._stand_in(node)
             elif node.op == "get_attr":
                 self.values[node] = getattr(self.program.graph_module, node.target)
             elif node.op == "output":
@@ -234,6 +234,19 @@ class AtenTranslator:
                      self.folded)
         return self.builder.build(out, name=self.name)
 
+    def _stand_in(self, node):
+        def one(val):
+            if not hasattr(val, "shape") or len(val.shape) == 0 or val.shape[0] != self.batch:
+                return _FAILED
+            shape = tuple(int(s) for s in val.shape[1:])
+            mat = sp.csr_matrix((_size(shape), self.builder.nodes[0].size if self.builder else 1))
+            idx = self.builder.node(LinearMap(mat, kind="unsupported"), [0], f"{node.name}_stand_in", shape)
+            return _T(idx, shape)
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return tuple(one(v) for v in val)
+        return one(val)
+
     def _refuse(self, node, what: str) -> None:
         self.unsupported.append((_source_name(node), what))
         hint = _HINT_OF.get(_name(node.target))
@@ -248,6 +261,8 @@ class AtenTranslator:
         if target is operator.getitem:
             return self._getitem(node, args)
         flat = _flatten_args(args) + _flatten_args(list(kwargs.values()))
+        if any(v is _FAILED for v in flat):
+            raise _Downstream()
         if not any(isinstance(v, (_T, _Multi, _Sorted)) for v in flat):
             return self._fold(node, target, args, kwargs)
         op = _name(target)
@@ -895,6 +910,10 @@ class AtenTranslator:
 
 class _Unsupported(Exception):
     pass
+
+
+class _Downstream(Exception):
+    """Depends on a value that could not be represented (already reported)."""
 
 
 _FAILED = object()

@@ -53,7 +53,7 @@ def _load_torch_file(path: Path, activation, architecture, input_shape, trust_co
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "Unsupported global" in text or "GLOBAL " in text:
             if not trust_code:
                 raise NetworkError(f"{path} holds pickled Python objects (such as a whole nn.Module), not just "
                                    f"tensors. {_TRUST_HINT}") from None
