@@ -65,8 +65,9 @@ def test_conv_matrix_equals_its_forward():
     assert conv.out_shape == tuple(ref.shape[1:]) == (4, 3, 8)
 
 
-def _residual_pair(seed=0, act=nn.ReLU()):
+def _residual_pair(seed=0, act=None):
     torch.manual_seed(seed)
+    act = nn.ReLU() if act is None else act
 
     class Res(nn.Module):
         def __init__(self):

@@ -67,7 +67,7 @@ LAYERS = {
     "maxpool1d": (nn.Sequential(nn.MaxPool1d(3, stride=1), nn.Flatten()), (2, 6)),
     "batchnorm2d": (nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten()), (1, 5, 5)),
     "batchnorm1d": (nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)), (4,)),
-    "flatten_view_permute": (Wrap(lambda x, l: l(x.permute(0, 2, 1).reshape(x.shape[0], -1)), nn.Linear(12, 3)),
+    "flatten_view_permute": (Wrap(lambda x, fc: fc(x.permute(0, 2, 1).reshape(x.shape[0], -1)), nn.Linear(12, 3)),
                              (3, 4)),
     "add_sub_scale": (Wrap(lambda x, a, b: 0.5 * a(x) - b(x) + 3.0 * torch.relu(a(x)) / 7.0, nn.Linear(4, 4),
                            nn.Linear(4, 4)), (4,)),
