@@ -165,10 +165,11 @@ class LinearMap:
         key = (dtype, str(device))
         if key not in cache:
             if sp.issparse(self.matrix):
+                # (rows, cols, values): applied with index_add, which (unlike sparse matmul) supports forward-mode AD
                 coo = self.matrix.tocoo()
-                idx = torch.tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device)
-                mat = torch.sparse_coo_tensor(idx, torch.tensor(coo.data, dtype=dtype, device=device),
-                                              coo.shape, check_invariants=False).coalesce()
+                mat = (torch.tensor(coo.row, dtype=torch.long, device=device),
+                       torch.tensor(coo.col, dtype=torch.long, device=device),
+                       torch.tensor(coo.data, dtype=dtype, device=device))
             else:
                 mat = torch.tensor(self.matrix, dtype=dtype, device=device)
             cache[key] = (mat, torch.tensor(self.bias, dtype=dtype, device=device))
@@ -176,8 +177,10 @@ class LinearMap:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mat, bias = self._torch(x.dtype, x.device)
-        if mat.is_sparse:
-            return torch.sparse.mm(mat, x.T).T + bias
+        if isinstance(mat, tuple):
+            rows, cols, vals = mat
+            out = torch.zeros(x.shape[0], self.out_dim, dtype=x.dtype, device=x.device)
+            return out.index_add(1, rows, x[:, cols] * vals) + bias
         return x @ mat.T + bias
 
 
