@@ -22,7 +22,8 @@ from lipbound.errors import (
     SolverError,
     UnsupportedLayerError,
 )
-from lipbound.importers import from_torch, from_weights, load
+from lipbound.graph import GraphNetwork
+from lipbound.importers import from_state_dict, from_torch, from_weights, load
 from lipbound.lower import LowerBound, lower_bound
 from lipbound.network import (
     Affine,
@@ -40,8 +41,8 @@ __all__ = [
     "GroupSortLayer", "HouseholderLayer", "ImplicitLayer", "ResidualBlock",
     "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
-    "FormulationError", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError", "SlopeRestricted",
-    "SolverError",
-    "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_torch", "from_weights", "load",
+    "FormulationError", "GraphNetwork", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError",
+    "SlopeRestricted", "SolverError", "UnsupportedLayerError", "Verification", "certify", "certify_all",
+    "from_state_dict", "from_torch", "from_weights", "load",
     "lower_bound", "verify_certificate",
 ]

@@ -24,18 +24,22 @@ from lipbound.solvers import choose_solver, get_solver
 
 log = logging.getLogger("lipbound")
 
-METHODS = ("mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
+METHODS = ("mp", "lipsdp-layer", "lipsdp-channel", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
 NORMS = ("l2", "linf")
 
 
-def as_network(model, input_shape=None, activation: str = "relu", architecture: str = "feedforward") -> Network:
-    """Turn a Network, an ``nn.Module`` or a file path into a :class:`Network`."""
-    if isinstance(model, Network):
+def as_network(model, input_shape=None, activation: str = "relu", architecture: str = "feedforward",
+               trust_code: bool = False):
+    """Turn a Network/GraphNetwork, an ``nn.Module`` or a file path into the network IR."""
+    from lipbound.graph import GraphNetwork
+
+    if isinstance(model, (Network, GraphNetwork)):
         return model
     if isinstance(model, nn.Module):
         return from_torch(model, input_shape)
     if isinstance(model, (str, Path)):
-        return load(model, activation=activation, architecture=architecture)
+        return load(model, activation=activation, architecture=architecture, input_shape=input_shape,
+                    trust_code=trust_code)
     raise TypeError(f"cannot certify a {type(model).__name__}: pass a lipbound.Network, an nn.Module or a path.")
 
 
@@ -68,7 +72,7 @@ def plan_methods(network: Network) -> MethodPlan:
     >>> import numpy as np, lipbound
     >>> plan = plan_methods(lipbound.from_weights([np.eye(2), np.eye(2)], "maxmin"))
     >>> plan.run, sorted(plan.skipped)
-    (('mp', 'lipsdp-nsr', 'lipsdp-rr'), ['lipsdp-layer', 'lipsdp-neuron'])
+    (('mp', 'lipsdp-nsr', 'lipsdp-rr'), ['lipsdp-channel', 'lipsdp-layer', 'lipsdp-neuron'])
     """
     from lipbound.formulations.lipsdp import _leaf_activations
     from lipbound.network import GroupSortLayer, SlopeRestricted
@@ -83,12 +87,26 @@ def plan_methods(network: Network) -> MethodPlan:
         if not_maxmin:
             skipped["lipsdp-rr"] = ("rewrites MaxMin (GroupSort of group size 2) only; this network has "
                                     + ", ".join(f"{a.name} ({type(a).__name__})" for a in not_maxmin))
-    else:
+    if not other and not _has_channels(network):
+        skipped["lipsdp-channel"] = ("same program as lipsdp-neuron on this network: per-channel multipliers differ "
+                                     "from per-neuron ones only on convolutional layers, and it has none")
+    elif other:
+        skipped["lipsdp-channel"] = reason
+    if not other:
         skipped["lipsdp-nsr"] = ("same program as lipsdp-neuron on this network: NSR adds constraints for "
                                  "GroupSort/MaxMin/Householder layers only, and it has none")
         skipped["lipsdp-rr"] = ("same program as lipsdp-neuron on this network: RR rewrites MaxMin layers only, "
                                 "and it has none")
     return MethodPlan(tuple(m for m in METHODS if m not in skipped), skipped)
+
+
+def _has_channels(network) -> bool:
+    """Whether some activation node has a channel structure (a multi-dimensional shape)."""
+    from lipbound.graph import GraphNetwork
+
+    return isinstance(network, GraphNetwork) and any(len(network.nodes[i].shape) > 1 and network.nodes[i].shape[0] > 1
+                                                     and network.nodes[i].size > network.nodes[i].shape[0]
+                                                     for i in network.activation_nodes)
 
 
 def applicable_methods(network: Network) -> list[str]:
@@ -99,7 +117,7 @@ def applicable_methods(network: Network) -> list[str]:
 def build_problem(network: Network, method: str, norm: str = "l2", output_index: int | None = None,
                   coupled: bool = False, exponents=None, reduce_input: bool = True):
     """The :class:`~lipbound.formulations.LipschitzProblem` of an SDP method."""
-    if method in ("lipsdp-neuron", "lipsdp-layer"):
+    if method in ("lipsdp-neuron", "lipsdp-layer", "lipsdp-channel"):
         return lipsdp(network, method.split("-", 1)[1], exponents, reduce_input, norm=norm, output_index=output_index)
     if method == "lipsdp-nsr":
         return lipsdp_nsr(network, coupled, norm, output_index, exponents, reduce_input)
@@ -184,17 +202,18 @@ def _check_options(method: str, norm: str, solver: str, output_index, coupled, d
 def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str = "auto",
             input_shape=None, activation: str = "relu", output_index: int | None = None, coupled: bool = False,
             domain=None, bounds_method: str = "crown", polish: bool = True, verbose: bool = False,
-            reduce_input: bool = True, **solver_options) -> Certificate:
+            reduce_input: bool = True, trust_code: bool = False, **solver_options) -> Certificate:
     """Certified upper bound on the Lipschitz constant of ``model``.
 
     Every option is validated before any work starts: an unknown or mistyped one raises an error naming it.
 
     Parameters
     ----------
-    model : Network, nn.Module or path (.mat, .npz, .pt)
-    method : {"mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr"}
-        ``mp``: product of certified per-layer bounds. ``lipsdp-neuron``/``-layer``: LipSDP for
-        slope-restricted activations. ``lipsdp-nsr``: adds the GroupSort/MaxMin/Householder quadratic
+    model : Network, GraphNetwork, nn.Module or path (.mat, .npz, .pt, .pth, .safetensors, .pt2, .onnx)
+    method : {"mp", "lipsdp-layer", "lipsdp-channel", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr"}
+        ``mp``: product of certified per-layer bounds. ``lipsdp-neuron``/``-channel``/``-layer``: LipSDP for
+        slope-restricted activations with one multiplier per neuron / per output channel of each convolutional
+        layer / per layer. ``lipsdp-nsr``: adds the GroupSort/MaxMin/Householder quadratic
         constraints. ``lipsdp-rr``: MaxMin rewritten as residual ReLU (baseline). Residual and implicit
         layers are handled inside the SDP.
     norm : {"l2", "linf"}
@@ -221,6 +240,8 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         l2: hand the solver the LMI with the input block reduced by a QR factorisation of the first weight
         (same optimum, smaller cone; the certificate always checks the unreduced LMI). ``False`` gives the solver
         the plain LipSDP program as the peers' code builds it (for comparisons).
+    trust_code : bool
+        Allow loading a whole pickled ``nn.Module`` from a ``.pt`` file (this runs code stored in the file).
     **solver_options
         Settings of the solver, checked by name and type before solving: ``tol``, ``max_iter``, ``device``,
         ``step_fraction``, ``lanczos_steps``, ``threads`` (native); Clarabel's settings (``max_iter``,
@@ -251,7 +272,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
                                  {"polish": polish, "verbose": verbose, "reduce_input": reduce_input},
                                  solver_options)
     start = time.perf_counter()
-    network = as_network(model, input_shape, activation)
+    network = as_network(model, input_shape, activation, trust_code=trust_code)
     sizes = {"dims": list(network.dims), "n_hidden": network.n_hidden}
     options = {"output_index": output_index, "coupled": coupled, "domain": domain_to_dict(domain),
                "bounds_method": bounds_method, "reduce_input": reduce_input}
@@ -462,10 +483,11 @@ def certify_all(model, methods=None, solver: str = "auto", progress: Progress | 
     >>> import numpy as np, lipbound
     >>> certs = certify_all(lipbound.from_weights([np.eye(2), np.eye(2)]))
     >>> [(c.method, c.status) for c in certs]  # doctest: +NORMALIZE_WHITESPACE
-    [('mp', 'closed_form'), ('lipsdp-layer', 'optimal'), ('lipsdp-neuron', 'optimal'),
-     ('lipsdp-nsr', 'skipped'), ('lipsdp-rr', 'skipped')]
+    [('mp', 'closed_form'), ('lipsdp-layer', 'optimal'), ('lipsdp-channel', 'skipped'),
+     ('lipsdp-neuron', 'optimal'), ('lipsdp-nsr', 'skipped'), ('lipsdp-rr', 'skipped')]
     """
-    network = as_network(model, kwargs.pop("input_shape", None), kwargs.pop("activation", "relu"))
+    network = as_network(model, kwargs.pop("input_shape", None), kwargs.pop("activation", "relu"),
+                         trust_code=kwargs.pop("trust_code", False))
     norm = kwargs.get("norm", "l2")
     coupled = kwargs.pop("coupled", False)
     if methods is None:

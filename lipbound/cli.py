@@ -244,7 +244,8 @@ def cmd_certify(args) -> int:
                           "bounded in l-infinity); the l2 bound covers all outputs. Drop it or add --norm linf.")
     if args.coupled and args.method not in ("lipsdp-nsr", "all"):
         raise OptionError(f"--coupled applies to --method lipsdp-nsr (or all) only; got --method {args.method}.")
-    network = as_network(args.path, activation=args.activation, architecture=args.architecture)
+    network = as_network(args.path, activation=args.activation, architecture=args.architecture,
+                         input_shape=args.input_shape, trust_code=args.trust_code)
     domain = _domain(args, network)
     print(network.summary())
     methods = None if args.method == "all" else [args.method]
@@ -266,7 +267,8 @@ def cmd_demo(args) -> int:
 def cmd_bounds(args) -> int:
     from lipbound.bounds import activation_bounds, stable_neurons
 
-    network = as_network(args.path, activation=args.activation, architecture=args.architecture)
+    network = as_network(args.path, activation=args.activation, architecture=args.architecture,
+                         input_shape=args.input_shape, trust_code=args.trust_code)
     domain = _domain(args, network)
     if domain is None:
         raise OptionError("lipbound bounds needs --center and --radius.")
@@ -323,6 +325,23 @@ def _region_args(p) -> None:
     p.add_argument("--ball-norm", default=None, choices=list(NORMS), help="norm of the ball (default: --norm)")
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: use comma-separated sizes, e.g. 1,28,28") from None
+    if not shape or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: sizes must be positive")
+    return shape
+
+
+def _file_args(p) -> None:
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W",
+                   help="shape of one input (without batch) for a pickled module (--trust-code)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow .pt files holding a whole pickled nn.Module (loading runs code from the file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lipbound import __version__
 
@@ -349,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", default="feedforward", choices=["feedforward", "residual"],
                    help="layout of weight-only files (residual: the QC paper's resweights_* files)")
     p.add_argument("--coupled", action="store_true", help="lipsdp-nsr: include the S and P multipliers")
+    _file_args(p)
     _region_args(p)
     p.add_argument("--lower-bound", action="store_true", help="also compute a lower bound (attack)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -358,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pre-activation ranges and stable neurons on a ball around an input")
     bd.add_argument("path")
     bd.add_argument("--activation", default="relu")
+    _file_args(bd)
     bd.add_argument("--architecture", default="feedforward", choices=["feedforward", "residual"])
     bd.add_argument("--method", default="crown", choices=["crown", "ibp"])
     bd.add_argument("--norm", default="l2", choices=list(NORMS), help="norm of the ball")

@@ -68,7 +68,9 @@ class LowerBound:
 
 
 def _as_network(model, input_shape) -> Network:
-    if isinstance(model, Network):
+    from lipbound.graph import GraphNetwork
+
+    if isinstance(model, (Network, GraphNetwork)):
         return model
     from lipbound.api import as_network
 

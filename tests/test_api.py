@@ -126,8 +126,12 @@ def _net(*middle, dims=(2, 2)) -> Network:
 def test_plan_methods():
     relu = plan_methods(random_net([3, 4, 2]))
     assert relu.run == ("mp", "lipsdp-layer", "lipsdp-neuron")
-    assert set(relu.skipped) == {"lipsdp-nsr", "lipsdp-rr"}
+    assert set(relu.skipped) == {"lipsdp-channel", "lipsdp-nsr", "lipsdp-rr"}
     assert all("same program as lipsdp-neuron" in r for r in relu.skipped.values())
+    cnn = plan_methods(lipbound.from_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(),
+                                                               torch.nn.Flatten(), torch.nn.Linear(8, 2)),
+                                           input_shape=(1, 4, 4)))
+    assert cnn.run == ("mp", "lipsdp-layer", "lipsdp-channel", "lipsdp-neuron")
 
     maxmin = plan_methods(lipbound.from_weights([np.eye(2), np.eye(2)], "maxmin"))
     assert maxmin.run == ("mp", "lipsdp-nsr", "lipsdp-rr")
@@ -146,7 +150,7 @@ def test_skipped_methods_would_repeat_lipsdp_neuron():
     """The reason NSR and RR are skipped on slope-restricted nets: they give exactly LipSDP-Neuron's bound."""
     net = random_net([4, 6, 6, 2], seed=3)
     neuron = lipbound.certify(net, method="lipsdp-neuron")
-    for method in ("lipsdp-nsr", "lipsdp-rr"):
+    for method in ("lipsdp-nsr", "lipsdp-rr", "lipsdp-channel"):
         assert lipbound.certify(net, method=method).upper_bound == neuron.upper_bound
 
 
@@ -154,8 +158,9 @@ def test_certify_all_reports_skipped_methods_and_progress():
     seen = []
     certs = lipbound.certify_all(random_net([3, 4, 2]), progress=lambda d, t, label: seen.append((d, t, label)))
     assert [c.method for c in certs] == list(lipbound.METHODS)
-    assert [c.status for c in certs][3:] == ["skipped", "skipped"]
-    assert all(c.certified for c in certs[:3]) and not any(c.certified for c in certs[3:])
+    status = {c.method: c.status for c in certs}
+    assert [m for m, st in status.items() if st == "skipped"] == ["lipsdp-channel", "lipsdp-nsr", "lipsdp-rr"]
+    assert all(c.certified for c in certs if c.status != "skipped")
     assert seen == [(0, 3, "mp"), (1, 3, "lipsdp-layer"), (2, 3, "lipsdp-neuron"), (3, 3, "done")]
 
 

@@ -23,7 +23,8 @@ MODULES = _modules_with_examples()
 
 def test_public_entry_points_have_examples():
     assert {"lipbound.api", "lipbound.formulations.lipsdp", "lipbound.solvers.native", "lipbound.rigorous",
-            "lipbound.bounds", "lipbound.lower", "lipbound.importers"} <= set(MODULES)
+            "lipbound.bounds", "lipbound.lower", "lipbound.importers.torch_module", "lipbound.importers.weights",
+            "lipbound.graph"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -31,15 +31,26 @@ from lipbound.network import (
 )
 from lipbound.rigorous import round_up, spectral_norm_upper, sqrt_up
 
-FORMS = ("neuron", "layer")
+FORMS = ("neuron", "channel", "layer")
 
 
-def _leaf_activations(network: Network):
+def _leaf_activations(network):
     for stage in network.activations:
         if isinstance(stage, (ResidualBlock, ImplicitLayer)):
             yield stage.activation
         else:
             yield stage
+
+
+def _signal(network, maxmin_as_relu: bool = False, channels: bool = False):
+    """The signal model of a chain or graph network."""
+    from lipbound.graph import GraphNetwork
+
+    if isinstance(network, GraphNetwork):
+        from lipbound.formulations.graph import graph_signal_model
+
+        return graph_signal_model(network, maxmin_as_relu, channel_groups=channels)
+    return signal_model(network, maxmin_as_relu)
 
 
 def _require_slope(network: Network, method: str) -> None:
@@ -53,7 +64,8 @@ def _require_slope(network: Network, method: str) -> None:
 
 def lipsdp(network: Network, form: str = "neuron", exponents: tuple[int, ...] | None = None,
            reduce_input: bool = True, norm: str = "l2", output_index: int | None = None) -> LipschitzProblem:
-    """LipSDP-Neuron (``form="neuron"``) or LipSDP-Layer (``form="layer"``) program of a network.
+    """LipSDP-Neuron (``form="neuron"``), per-channel (``form="channel"``: one multiplier per output channel of
+    each convolutional layer, per neuron elsewhere) or LipSDP-Layer (``form="layer"``) program of a network.
 
     Examples
     --------
@@ -65,8 +77,8 @@ def lipsdp(network: Network, form: str = "neuron", exponents: tuple[int, ...] | 
     if form not in FORMS:
         raise FormulationError(f"unknown LipSDP form {form!r}; use one of {FORMS}.")
     _require_slope(network, f"lipsdp-{form}")
-    return lipschitz_problem(signal_model(network), norm, form, False, output_index, exponents, reduce_input,
-                             name=f"lipsdp-{form}")
+    return lipschitz_problem(_signal(network, channels=form == "channel"), norm, form, False, output_index, exponents,
+                             reduce_input, name=f"lipsdp-{form}")
 
 
 def lipsdp_nsr(network: Network, coupled: bool = False, norm: str = "l2", output_index: int | None = None,
@@ -80,14 +92,14 @@ def lipsdp_nsr(network: Network, coupled: bool = False, norm: str = "l2", output
     >>> round(lipbound.certify(net, method="lipsdp-nsr").upper_bound, 6)
     1.0
     """
-    return lipschitz_problem(signal_model(network), norm, "neuron", coupled, output_index, exponents, reduce_input,
+    return lipschitz_problem(_signal(network), norm, "neuron", coupled, output_index, exponents, reduce_input,
                              name="lipsdp-nsr" + ("-coupled" if coupled else ""))
 
 
 def lipsdp_rr(network: Network, norm: str = "l2", output_index: int | None = None,
               exponents: tuple[int, ...] | None = None, reduce_input: bool = True) -> LipschitzProblem:
     """LipSDP-RR baseline: every MaxMin layer rewritten as ``H z + G ReLU(Wt z)``, then LipSDP-Neuron."""
-    model = signal_model(network, maxmin_as_relu=True)
+    model = _signal(network, maxmin_as_relu=True)
     bad = [(s.layer.name, type(s.layer).__name__) for s in model.stages if not isinstance(s.layer, SlopeRestricted)]
     if bad:
         raise FormulationError("lipsdp-rr rewrites MaxMin (group size 2) only; not applicable to: "
@@ -102,8 +114,14 @@ def product_bound(network: Network, norm: str = "l2", output_index: int | None =
     ``1 + ||G|| s ||W||`` per residual block, ``s ||U|| / (1 - s ||W||)`` per contractive implicit layer.
     l-infinity (scalar output ``output_index``): induced inf-norms (max row sums), the output row's 1-norm.
     Returns ``(certified, estimate)``: a rigorous bound (spectral norms proved, sums rounded up) and the plain
-    floating-point product.
+    floating-point product. Graph networks: :func:`~lipbound.formulations.graph.graph_product_bound`.
     """
+    from lipbound.graph import GraphNetwork
+
+    if isinstance(network, GraphNetwork):
+        from lipbound.formulations.graph import graph_product_bound
+
+        return graph_product_bound(network, norm, output_index)
     def op_norm(w: np.ndarray) -> tuple[Fraction, float]:
         if norm == "l2":
             return Fraction(spectral_norm_upper(w)), float(np.linalg.norm(w, 2))

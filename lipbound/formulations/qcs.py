@@ -50,10 +50,22 @@ class VariableBlock:
     nonneg: bool
 
 
-def variables(layer, slope_mode: str, coupled: bool, index: int) -> list[VariableBlock]:
-    """The multiplier blocks a layer's QC needs."""
+def _slope_variables(layer, slope_mode: str, groups: np.ndarray | None) -> np.ndarray:
+    """Multiplier index (from 0) of each neuron: one per neuron, per channel (``groups``) or per layer."""
+    if slope_mode == "neuron" or (slope_mode == "channel" and groups is None):
+        return np.arange(layer.width)
+    if slope_mode == "channel":
+        return np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    if slope_mode == "layer":
+        return np.zeros(layer.width, int)
+    raise FormulationError(f"unknown multiplier granularity {slope_mode!r}; use 'neuron', 'channel' or 'layer'.")
+
+
+def variables(layer, slope_mode: str, coupled: bool, index: int,
+              groups: np.ndarray | None = None) -> list[VariableBlock]:
+    """The multiplier blocks a layer's QC needs (``groups``: channel of each neuron, for ``slope_mode="channel"``)."""
     if isinstance(layer, SlopeRestricted):
-        return [VariableBlock(f"lambda_{index}", layer.width if slope_mode == "neuron" else 1, True)]
+        return [VariableBlock(f"lambda_{index}", int(_slope_variables(layer, slope_mode, groups).max()) + 1, True)]
     if isinstance(layer, (GroupSortLayer, HouseholderLayer)):
         n = layer.n_groups
         out = [VariableBlock(f"lambda_{index}", n, True), VariableBlock(f"gamma_{index}", n, False)]
@@ -74,14 +86,15 @@ def _rows(n_rows: int, columns: list[tuple[np.ndarray, np.ndarray]], n_vars: int
     return sp.csr_matrix((np.concatenate(v), (np.concatenate(r), np.concatenate(c))), shape=(n_rows, n_vars))
 
 
-def layer_qc(layer, offsets: list[int], n_vars: int, slope_mode: str, coupled: bool) -> LayerQC:
+def layer_qc(layer, offsets: list[int], n_vars: int, slope_mode: str, coupled: bool,
+             groups: np.ndarray | None = None) -> LayerQC:
     """The QC pieces of ``layer`` whose multiplier blocks start at ``offsets`` (as from :func:`variables`)."""
     if isinstance(layer, SlopeRestricted):
         if not (np.all(np.isfinite(layer.alpha)) and np.all(np.isfinite(layer.beta))):
             raise FormulationError(f"activation '{layer.name}' ({layer.activation.describe()}) has no global slope "
                                    "bound; certify it on a region (domain=Box(...) or Ball(...)).")
         n = layer.width
-        var = offsets[0] + (np.arange(n) if slope_mode == "neuron" else np.zeros(n, int))
+        var = offsets[0] + _slope_variables(layer, slope_mode, groups)
         ab, s = layer.alpha * layer.beta, layer.alpha + layer.beta
         zz = (Piece(None, None, _rows(n, [(var, -2.0 * ab)], n_vars)),) if np.any(ab != 0) else ()
         zp = (Piece(None, None, _rows(n, [(var, s)], n_vars)),) if np.any(s != 0) else ()

@@ -142,7 +142,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
         var_blocks.append(qcs.VariableBlock("tau", model.input_dim, True))
     stage_offsets = []
     for k, stage in enumerate(model.stages, start=1):
-        blocks = qcs.variables(stage.layer, slope_mode, coupled, k)
+        blocks = qcs.variables(stage.layer, slope_mode, coupled, k, stage.groups)
         offs = []
         for vb in blocks:
             offs.append(sum(v.size for v in var_blocks))
@@ -156,7 +156,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
         pos += vb.size
     objective = np.zeros(n_vars)
     objective[0] = 1.0
-    qc_list = [qcs.layer_qc(stage.layer, stage_offsets[k], n_vars, slope_mode, coupled)
+    qc_list = [qcs.layer_qc(stage.layer, stage_offsets[k], n_vars, slope_mode, coupled, stage.groups)
                for k, stage in enumerate(model.stages)]
 
     def factor(b: int, lin: Lin, f: np.ndarray | None, f_err: np.ndarray | None, r_factor: np.ndarray | None):
@@ -231,7 +231,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
         return blocks, terms
 
     # -- rigorous norm bounds of the (scaled) block signals for the certificate's repair weights
-    scaled_model = SignalModel(model.input_dim, w_in, tuple(type(s)(s.layer, p_, s.name)
+    scaled_model = SignalModel(model.input_dim, w_in, tuple(type(s)(s.layer, p_, s.name, s.groups)
                                                             for s, p_ in zip(model.stages, pre, strict=True)),
                                out, model.output_dim)
     gains, _ = _signal_gains(scaled_model, rigorous=True)

@@ -124,11 +124,16 @@ def apply(a: np.ndarray | None, combo: dict[int, Lin], n: int) -> dict[int, Lin]
 
 @dataclass(frozen=True, eq=False)
 class SignalStage:
-    """One nonlinear stage: an activation layer and its pre-activation ``z = sum_b pre[b] v_b``."""
+    """One nonlinear stage: an activation layer and its pre-activation ``z = sum_b pre[b] v_b``.
+
+    ``groups`` (optional, one entry per neuron) partitions the neurons for per-channel multipliers (the channel of
+    each neuron of a convolutional layer); ``None`` means every neuron is its own channel.
+    """
 
     layer: SlopeRestricted | GroupSortLayer | HouseholderLayer
     pre: dict[int, Lin]
     name: str = ""
+    groups: np.ndarray | None = None
 
     @property
     def width(self) -> int:
