@@ -324,3 +324,43 @@ def test_deel_torchlip_networks_trained_and_exported_give_the_same_bound():
         lower = _module_lower_bound(model, shape)
         # 1-Lipschitz by construction (up to the float32 rounding of the normalised weights)
         assert lower <= a.upper_bound <= 1.0 + 1e-6
+
+
+def test_spectrally_normalised_mnist_style_models_with_gains():
+    """The shape of published trained MNIST MLPs/CNNs: spectral-norm parametrised layers times constant gains,
+    LeakyReLU(0.01), torch.flatten, AdaptiveAvgPool2d (all refused before the graph importer)."""
+    sn = nn.utils.parametrizations.spectral_norm
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = sn(nn.Conv2d(1, 4, 3, padding=1)), sn(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+            self.pool = nn.AdaptiveAvgPool2d(2)
+            self.fc = sn(nn.Linear(16, 10))
+
+        def forward(self, x):
+            h = F.leaky_relu(2.0 * self.c1(x), 0.01)
+            h = F.leaky_relu(2.0 * self.c2(h), 0.01)
+            return 2.0 * self.fc(torch.flatten(self.pool(h), 1))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = sn(nn.Linear(16, 12)), sn(nn.Linear(12, 10))
+
+        def forward(self, x):
+            return self.b(F.leaky_relu(2.0 * self.a(torch.flatten(x, 1)), 0.01))
+
+    torch.manual_seed(0)
+    for model, shape in ((CNN(), (1, 8, 8)), (MLP(), (1, 4, 4))):
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, *shape))
+        model.eval()
+        net = lipbound.from_torch(model, input_shape=shape)
+        cert = lipbound.certify(net, method="lipsdp-neuron")
+        mp = lipbound.certify(net, method="mp")
+        lower = _module_lower_bound(model, shape)
+        assert cert.certified and lower <= cert.upper_bound <= mp.upper_bound * (1 + 1e-9)
+        if isinstance(model, MLP):  # spectral_norm normalises a Linear's matrix (a conv's reshaped kernel only)
+            assert mp.upper_bound <= 2.0 * (1 + 1e-3)
