@@ -1,5 +1,6 @@
-"""Convolutional networks of GLipSDP's published scalability shapes, certified side by side (``certify_s``: import excluded,
-formulation + solve + rigorous check).
+"""Convolutional networks of GLipSDP's published scalability shapes, certified side by side.
+
+``certify_s`` is the certification time (formulation + solve + rigorous check; import and training excluded).
 
     python examples/cnn_glipsdp.py --out cnn_out [--channels 8,16,32] [--depths 2,4,8,16] [--device cuda]
                                    [--weights digits|random] [--methods mp,lipsdp-channel,lipsdp-neuron]
@@ -115,7 +116,8 @@ def run_one(channels, depth, weights, seed, method, device, dense, timeout) -> d
         record = {"status": "killed", "error": f"exit code {proc.exitcode}"}
     else:
         record = queue.get()
-    record.update({"channels": channels, "conv_layers": depth, "method": method + (" (unrolled dense)" if dense else ""),
+    record.update({"channels": channels, "conv_layers": depth,
+                   "method": method + (" (unrolled dense)" if dense else ""),
                    "device": device or "cpu", "glipsdp_published_s": GLIPSDP_S.get((channels, depth)),
                    "peak_rss_mb_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     return record
