@@ -42,3 +42,11 @@ class SolverError(LipboundError, RuntimeError):
 
 class CertificationError(LipboundError):
     """A certificate could not be verified rigorously."""
+
+
+class ManifestError(LipboundError, ValueError):
+    """A batch manifest is invalid (unknown key, wrong type, missing points file, bad expectation)."""
+
+
+class BatchError(LipboundError, RuntimeError):
+    """A batch cannot run (results file in the way, engine unavailable, cluster unreachable)."""
