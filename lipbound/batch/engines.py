@@ -37,15 +37,23 @@ class LocalEngine:
         Processes (default: the number of CPU cores).
     max_retries : int
         Re-runs of a job whose process died (killed, out of memory, crashed) before it is recorded as failed.
+    task : callable
+        What runs a job payload and returns its record (default :func:`~lipbound.batch.worker.execute_job`); a
+        module-level function, so spawned processes can import it.
+    warm_up : callable or None
+        Run once in each new process with the thread count (default: import the library, set the threads).
     """
 
     name = "local"
 
-    def __init__(self, workers: int | None = None, max_retries: int = 3):
+    def __init__(self, workers: int | None = None, max_retries: int = 3, task: Callable[[dict], dict] = execute_job,
+                 warm_up: Callable[[int], object] | None = warm_up):
         cores = os.cpu_count() or 1
         self.workers = max(1, int(workers or cores))
         self.threads = max(1, cores // self.workers)
         self.max_retries = int(max_retries)
+        self.task = task
+        self.warm_up = warm_up
         self._pool = None
 
     def _new_pool(self):
@@ -53,13 +61,14 @@ class LocalEngine:
         from concurrent.futures import ProcessPoolExecutor
 
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=warm_up, initargs=(self.threads,))
+                                   initializer=self.warm_up, initargs=(self.threads,) if self.warm_up else ())
 
     def start(self) -> None:
         """Start the processes and import the library in each (so the first jobs do not pay for it)."""
         self._pool = self._new_pool()
-        for future in [self._pool.submit(warm_up, self.threads) for _ in range(self.workers)]:
-            future.result()
+        if self.warm_up is not None:
+            for future in [self._pool.submit(self.warm_up, self.threads) for _ in range(self.workers)]:
+                future.result()
 
     def run(self, payloads: Iterable[dict], on_record: OnRecord) -> None:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -82,7 +91,7 @@ class LocalEngine:
                         exhausted = True
                         break
                 try:
-                    pending[self._pool.submit(execute_job, payload)] = payload
+                    pending[self._pool.submit(self.task, payload)] = payload
                 except BrokenProcessPool:
                     isolate.appendleft(payload)
                     broken = True
@@ -204,18 +213,22 @@ class RayEngine:
         Ray's re-runs of a task whose worker died; then the job is recorded as failed with Ray's reason.
     init_options : dict, optional
         More :func:`ray.init` keywords (e.g. ``runtime_env``).
+    task : callable
+        What runs a job payload and returns its record (default :func:`~lipbound.batch.worker.execute_job`).
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, gpus_per_job: float = 0.0,
-                 cpus_per_job: float = 1.0, max_retries: int = 3, init_options: dict | None = None):
+                 cpus_per_job: float = 1.0, max_retries: int = 3, init_options: dict | None = None,
+                 task: Callable[[dict], dict] = execute_job):
         self.address = address
         self.workers = workers
         self.gpus_per_job = float(gpus_per_job or 0.0)
         self.cpus_per_job = float(cpus_per_job)
         self.max_retries = int(max_retries)
         self.init_options = dict(init_options or {})
+        self.task = task
         self._started = False
         self._ray = None
         self._pending: dict = {}
@@ -253,7 +266,7 @@ class RayEngine:
 
     def run(self, payloads: Iterable[dict], on_record: OnRecord) -> None:
         ray = self._ray
-        task = ray.remote(execute_job).options(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job,
+        task = ray.remote(self.task).options(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job,
                                                max_retries=self.max_retries, retry_exceptions=False)
         threads = max(1, int(self.cpus_per_job))
         source = iter(payloads)

@@ -98,31 +98,31 @@ def format_rows(rows: list[dict]) -> str:
 def _plot_global(rows: list[dict], path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
-    rows = [r for r in rows if r["radius"] is None]
+    rows = [r for r in rows if r["radius"] is None and r["bound"] is not None]
     if not rows:
         return None
     models = sorted({r["model"] for r in rows})
     series = sorted({(r["method"], r["norm"], str(r["output"])) for r in rows})
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(max(6.0, 1.2 * len(models) * max(1, len(series)) ** 0.5), 4.5))
+    step = 0.6 / max(1, len(series) - 1) if len(series) > 1 else 0.0
+    fig = Figure(figsize=(max(6.0, 0.9 * len(models) + 3), 4.5))
     ax = fig.subplots()
     for k, key in enumerate(series):
-        xs, ys, lows = [], [], []
-        for i, model in enumerate(models):
-            for r in rows:
-                if r["model"] == model and (r["method"], r["norm"], str(r["output"])) == key and r["bound"]:
-                    xs.append(i + (k - (len(series) - 1) / 2) * width)
-                    ys.append(r["bound"])
-                    lows.append(r["lower_bound"])
+        chosen = [(models.index(r["model"]), r) for r in rows if (r["method"], r["norm"], str(r["output"])) == key]
+        xs = [i - 0.3 + k * step if len(series) > 1 else i for i, _ in chosen]
         label = f"{key[0]} {key[1]}" + ("" if key[2] == "None" else f" out {key[2]}")
-        ax.bar(xs, ys, width, label=label)
-        marked = [(x, lo) for x, lo in zip(xs, lows, strict=True) if lo]
-        if marked:
-            ax.plot([x for x, _ in marked], [lo for _, lo in marked], "k_", markersize=12)
+        ax.plot(xs, [r["bound"] for _, r in chosen], "o", label=label)
+        lows = [(x, r["lower_bound"]) for x, (_, r) in zip(xs, chosen, strict=True) if r["lower_bound"]]
+        if lows:
+            ax.plot(*zip(*lows, strict=True), "k_", markersize=14)
+    values = [r["bound"] for r in rows] + [r["lower_bound"] for r in rows if r["lower_bound"]]
+    if max(values) > 20 * min(values):
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, 1.1 * max(values))
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
-    ax.set_ylabel("certified Lipschitz bound (black: lower bound)")
-    ax.set_yscale("log")
-    ax.set_title("Certified bound per model")
+    ax.set_xlim(-0.7, len(models) - 0.3)
+    ax.set_ylabel("certified Lipschitz bound")
+    ax.set_title("Certified bound per model (black dash: attained lower bound)", fontsize="medium")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
