@@ -14,6 +14,7 @@ are never charged, and after ``max_retries`` re-runs it is recorded as failed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -161,15 +162,14 @@ class LocalEngine:
         self._pool = None
 
 
-def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, **init_options):
-    """Start a private Ray instance on this machine that listens on the loopback address only, dashboard off.
+@contextlib.contextmanager
+def _loopback_node():
+    """Make Ray treat this machine's node as ``127.0.0.1`` while it starts or attaches.
 
     Ray binds its servers to the machine's network address unless it believes it runs without cluster support;
-    setting ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` for the start makes it use ``127.0.0.1`` (Ray's own switch for
-    single-machine use). Returns Ray's context; ``ray.shutdown()`` stops the instance.
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's own switch for single-machine use, read from the environment by
+    the processes it starts and from ``ray_constants`` by this one) makes it use the loopback address.
     """
-    import ray
-
     try:
         from ray._private import ray_constants
     except ImportError:  # the switch moved: Ray then reads the variable only at import
@@ -181,8 +181,7 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, **
     if previous_flag is not None:
         ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        init_options.setdefault("log_to_driver", False)
-        context = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **init_options)
+        yield
     finally:
         if previous_env is None:
             os.environ.pop(variable, None)
@@ -190,8 +189,26 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, **
             os.environ[variable] = previous_env
         if previous_flag is not None:
             ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, **init_options):
+    """Start a private Ray instance on this machine that listens on the loopback address only, dashboard off.
+
+    Returns Ray's context; ``ray.shutdown()`` stops the instance. Other drivers attach with its
+    ``ray.get_runtime_context().gcs_address`` (``127.0.0.1:PORT``).
+    """
+    import ray
+
+    init_options.setdefault("log_to_driver", False)
+    with _loopback_node():
+        context = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **init_options)
     address = ray.get_runtime_context().gcs_address
-    if not address.startswith("127.0.0.1:"):
+    if not _is_loopback(address):
         log.warning("batch: the local Ray instance listens on %s, not on the loopback address only", address)
     return context
 
@@ -245,7 +262,8 @@ class RayEngine:
                     start_local_ray(num_cpus=self.workers, **self.init_options)
                 else:
                     options = {"log_to_driver": False, **self.init_options}
-                    ray.init(address=self.address, **options)
+                    with _loopback_node() if _is_loopback(self.address) else contextlib.nullcontext():
+                        ray.init(address=self.address, **options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise BatchError(f"cannot start or reach Ray at address {self.address!r}: {exc}. Start a cluster "
                                  "with 'ray start --head' and pass its address, or omit --address for a private "
@@ -300,9 +318,11 @@ class RayEngine:
         ray = self._ray
         if ray is None:
             return
+        # Queued tasks are dropped; running ones get a KeyboardInterrupt (their workers live on for the next
+        # batch). Their results were never recorded, so a resume runs them again.
         for ref in list(self._pending):
             try:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)
             except Exception as exc:  # noqa: BLE001 - best effort on the way out
                 log.debug("batch: could not cancel a Ray task: %s", exc)
         self._pending.clear()
