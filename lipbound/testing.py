@@ -6,8 +6,11 @@ from lipbound.api import as_network, certify
 from lipbound.certificate import Certificate
 from lipbound.lower import lower_bound
 
+#: The attack run on failure (a quick one: it only explains the failure).
+ATTACK = {"n_starts": 16, "steps": 20, "seed": 0}
 
-def assert_certified_below(model, L: float, *, input_shape=None, lower_bound_seed: int = 0,
+
+def assert_certified_below(model, L: float, *, input_shape=None, attack: dict | bool = True,
                            **certify_options) -> Certificate:
     """Assert that ``model`` has a certified Lipschitz bound ``<= L``; return the certificate.
 
@@ -22,8 +25,9 @@ def assert_certified_below(model, L: float, *, input_shape=None, lower_bound_see
         The budget.
     input_shape : int or tuple, optional
         For ``nn.Module`` models.
-    lower_bound_seed : int
-        Seed of the attack run on failure (the lower bound in the message).
+    attack : bool or dict
+        On failure, run :func:`lipbound.lower_bound` (l2 norm) for the message: ``True`` uses :data:`ATTACK`, a
+        dict overrides its keywords (``n_starts``, ``steps``, ``seed``), ``False`` skips it.
     **certify_options
         Passed to :func:`lipbound.certify` (``method``, ``norm``, ``solver``, ``domain``, ...).
 
@@ -53,10 +57,11 @@ def assert_certified_below(model, L: float, *, input_shape=None, lower_bound_see
         raise AssertionError(f"no certified Lipschitz bound ({what}): status {cert.status}; {cert.reason}. Try "
                              "another solver or method.")
     message = f"certified Lipschitz bound {cert.upper_bound:.8g} exceeds the budget {L:.8g} ({what})"
-    if cert.norm == "l2":
+    if cert.norm == "l2" and attack is not False:
         from lipbound.api import domain_from_dict
 
-        lb = lower_bound(network, seed=lower_bound_seed, domain=domain_from_dict(cert.options.get("domain")))
+        options = {**ATTACK, **(attack if isinstance(attack, dict) else {})}
+        lb = lower_bound(network, domain=domain_from_dict(cert.options.get("domain")), **options)
         message += f"; attained lower bound {lb.value:.8g} ({lb.kind}), gap {cert.upper_bound - lb.value:.3g}"
         if lb.value > 0:
             message += f" (ratio {cert.upper_bound / lb.value:.4f})"
