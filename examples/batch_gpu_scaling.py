@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--dims", default="784,1024,1024,10")
     parser.add_argument("--gpus", default="1,2", help="GPU counts to compare")
+    parser.add_argument("--device", default="cuda", help="cpu only checks the script (Ray's GPU slots then fake)")
     parser.add_argument("--out", default="batch_gpu_scaling.json")
     args = parser.parse_args()
     import ray
@@ -35,7 +36,7 @@ def main() -> int:
 
     dims = [int(d) for d in args.dims.split(",")]
     gpu_counts = [int(g) for g in args.gpus.split(",")]
-    if torch.cuda.device_count() < max(gpu_counts):
+    if args.device != "cpu" and torch.cuda.device_count() < max(gpu_counts):
         raise SystemExit(f"needs {max(gpu_counts)} CUDA GPUs, found {torch.cuda.device_count()}")
     folder = Path(tempfile.mkdtemp(prefix="lipbound_gpu_scaling_"))
     models = []
@@ -48,7 +49,7 @@ def main() -> int:
         np.savez(folder / f"net{seed}.npz", **arrays)
         models.append(f"net{seed}.npz")
     manifest = batch.Manifest.from_dict({"models": models, "methods": ["lipsdp-neuron"], "solver": "native",
-                                         "device": "cuda"}, base_dir=folder)
+                                         "device": args.device}, base_dir=folder)
     runs = []
     for gpus in gpu_counts:
         batch.start_local_ray(num_cpus=2 * gpus, num_gpus=gpus)
