@@ -144,9 +144,10 @@ def cmd_batch(args) -> int:
     folder = Path(args.summary or f"{out.with_suffix('')}_summary")
     summary = batch.summarize(out, manifest, folder)
     print(summary.table)
+    ran = result.ok + result.failed
     print(f"{summary.counts['ok']} of {result.total} jobs done ({result.skipped} in earlier runs), "
-          f"{summary.counts['failed']} failed, {summary.counts['uncertified']} not certified; this run "
-          f"{result.jobs_per_s:.3g} jobs/s on {result.workers} {result.engine} worker(s)")
+          f"{summary.counts['failed']} failed, {summary.counts['uncertified']} not certified"
+          + (f"; this run {result.jobs_per_s:.3g} jobs/s on {result.workers} {result.engine} worker(s)" if ran else ""))
     print(f"results: {out}; table, plots: {folder}")
     problems = batch.check(manifest, out, expectations=args.check)
     for problem in problems[:50]:

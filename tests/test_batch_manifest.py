@@ -124,6 +124,8 @@ def test_expectations_merge_manifest_model_and_method(folder):
     ({"models": ["a.npz"], "solver": "clarabel", "device": "cuda"}, ["device", "native"]),
     ({"models": [{"path": "a.npz", "trust_code": "yes"}]}, ["trust_code", "true or false"]),
     ({"methods": ["mp"]}, ["missing 'models'"]),
+    ({"models": ["a.npz"], "methods": []}, ["'methods' is empty"]),
+    ({"models": ["a.npz"], "solver": "cvxopt"}, ["unknown solver 'cvxopt'", "clarabel"]),
 ])
 def test_invalid_manifests_say_what_and_where(folder, data, words):
     with pytest.raises(ManifestError) as info:

@@ -4,6 +4,7 @@ an engine and append each record the moment it arrives."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -103,9 +104,11 @@ def run(manifest: Manifest | str | Path | dict, out: str | Path, engine: str = "
     out = Path(out)
     job_ids = {job.id for job in manifest.jobs()}
     writer, done = open_results(out, resume, job_ids, fsync)
+    todo = len(job_ids - done)
+    if engine == "local" and todo:
+        workers = min(workers or os.cpu_count() or 1, todo)  # no idle processes for a short batch
     runner = make_engine(engine, workers, address, gpus_per_job, manifest.device, max_retries, cpus_per_job,
                          ray_init_options)
-    todo = len(job_ids - done)
     counts = {"ok": 0, "failed": 0, "uncertified": 0}
     bar = None
     if progress:
@@ -126,7 +129,7 @@ def run(manifest: Manifest | str | Path | dict, out: str | Path, engine: str = "
         if on_record is not None:
             on_record(record)
 
-    log.info("batch: %d jobs, %d already done, %d to run on the %s engine", len(job_ids), len(done) , todo,
+    log.info("batch: %d jobs, %d already done, %d to run on the %s engine", len(job_ids), len(done), todo,
              runner.name)
     start = time.perf_counter()
     try:

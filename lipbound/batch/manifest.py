@@ -380,9 +380,15 @@ class Manifest:
     source: Path | None = None
 
     def __post_init__(self):
+        from lipbound.solvers import SOLVERS
+
         where = str(self.source or "(in Python)")
-        if not self.models:
-            raise _fail(where, "no models.")
+        for key in ("models", "methods", "norms", "outputs", "domains"):
+            if not getattr(self, key):
+                raise _fail(where, f"'{key}' is empty: nothing to run.")
+        if self.solver != "auto" and self.solver not in SOLVERS:
+            raise _fail(f"{where} solver", f"unknown solver {self.solver!r}; choose auto or one of "
+                                           f"{', '.join(SOLVERS)}.")
         if self.methods != "all":
             for method in self.methods:
                 if method not in METHODS:
@@ -413,7 +419,7 @@ class Manifest:
         _check_keys(data, MANIFEST_KEYS, where)
         if "models" not in data:
             raise _fail(where, "missing 'models' (a list of model files).")
-        base = Path(base_dir)
+        base = Path(base_dir).resolve()
         models = tuple(_model(m, base, f"models[{i}]") for i, m in enumerate(_as_list(data["models"], "models")))
         methods = data.get("methods", ["lipsdp-neuron"])
         methods = "all" if methods == "all" else tuple(_as_list(methods, "methods"))

@@ -95,9 +95,12 @@ def _network(job: dict, load_kwargs: dict):
 def error_record(payload: dict, error_type: str, message: str, worker: str | None = None,
                  trace: str | None = None) -> dict:
     """A ``failed`` record for a job (used by workers and by engines when a worker died)."""
+    from lipbound import __version__
+
     return {"job_id": payload["id"], "status": "failed", "job": payload["job"], "certificate": None,
             "lower_bound": None, "error": {"type": error_type, "message": message[:4000], "traceback": trace},
-            "worker": worker, "started_at": None, "finished_at": _now(), "time_s": None}
+            "worker": worker, "started_at": None, "finished_at": _now(), "time_s": None,
+            "lipbound_version": __version__}
 
 
 def execute_job(payload: dict) -> dict:
