@@ -191,3 +191,17 @@ def test_cli_sigint_then_resume(tmp_path):
     assert f"20 of 20 jobs done ({done} in earlier runs)" in finished.stdout
     check_exactly_once(batch.Manifest.from_file(manifest), out)
     assert json.loads(out.read_text().splitlines()[-1])["job_id"] != "half-writ"
+
+
+def test_engine_choice_and_gpu_requests():
+    from lipbound.batch.engines import RayEngine, make_engine
+    from lipbound.errors import BatchError
+
+    assert isinstance(make_engine("local", workers=3), LocalEngine)
+    assert make_engine("ray", device="cuda").gpus_per_job == 1.0
+    assert make_engine("ray", device="cuda", gpus_per_job=0.5).gpus_per_job == 0.5
+    assert make_engine("ray").gpus_per_job == 0.0 and isinstance(make_engine("ray"), RayEngine)
+    with pytest.raises(BatchError, match="--address applies to --engine ray"):
+        make_engine("local", address="auto")
+    with pytest.raises(BatchError, match="unknown engine 'dask'"):
+        make_engine("dask")

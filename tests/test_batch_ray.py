@@ -165,3 +165,13 @@ def test_cli_attaches_to_the_cluster_by_address(cluster, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "check: all 1 jobs pass" in run.stdout
     assert [r["engine"] for r in records(out)] == ["ray"]
+
+
+def test_gpu_jobs_on_a_cluster_without_gpus_are_refused(cluster):
+    from lipbound.errors import BatchError
+
+    engine = RayEngine(gpus_per_job=1)
+    with pytest.raises(BatchError, match="asks for 1 GPU.* has 0"):
+        engine.start()
+    engine.close()
+    assert ray.is_initialized()
