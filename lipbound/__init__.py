@@ -37,6 +37,8 @@ from lipbound.network import (
 
 __version__ = "0.1.0"
 
+from lipbound import batch, testing  # noqa: E402 - subpackages that use the names above
+
 __all__ = [
     "GroupSortLayer", "HouseholderLayer", "ImplicitLayer", "ResidualBlock",
     "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
@@ -44,5 +46,5 @@ __all__ = [
     "FormulationError", "GraphNetwork", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError",
     "SlopeRestricted", "SolverError", "UnsupportedLayerError", "Verification", "certify", "certify_all",
     "from_state_dict", "from_torch", "from_weights", "load",
-    "lower_bound", "verify_certificate",
+    "lower_bound", "verify_certificate", "batch", "testing",
 ]

@@ -319,6 +319,37 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def cmd_batch(args) -> int:
+    from lipbound import batch
+
+    manifest = batch.Manifest.from_file(args.manifest)
+    out = Path(args.out or Path(args.manifest).with_suffix(".results.jsonl").name)
+    try:
+        result = batch.run(manifest, out, args.engine, workers=args.workers, address=args.address,
+                           gpus_per_job=args.gpus_per_job, max_retries=args.max_retries, resume=args.resume,
+                           progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished jobs are in {out}; continue with --resume", file=sys.stderr)
+        return 130
+    folder = Path(args.summary or f"{out.with_suffix('')}_summary")
+    summary = batch.summarize(out, manifest, folder)
+    print(summary.table)
+    ran = result.ok + result.failed
+    print(f"{summary.counts['ok']} of {result.total} jobs done ({result.skipped} in earlier runs), "
+          f"{summary.counts['failed']} failed, {summary.counts['uncertified']} not certified"
+          + (f"; this run {result.jobs_per_s:.3g} jobs/s on {result.workers} {result.engine} worker(s)" if ran else ""))
+    print(f"results: {out}; table, plots: {folder}")
+    problems = batch.check(manifest, out, expectations=args.check)
+    for problem in problems[:50]:
+        print(f"FAIL {problem}")
+    if len(problems) > 50:
+        print(f"... and {len(problems) - 50} more")
+    if args.check:
+        print(f"check: {len(problems)} violation(s)" if problems else f"check: all {result.total} jobs pass")
+        return 1 if problems else 0
+    return 2 if problems else 0
+
+
 def _region_args(p) -> None:
     p.add_argument("--center", default=None, help=".npy (or text) file with the input point (local certificate)")
     p.add_argument("--radius", type=_nonnegative, default=None, help="radius of the ball around --center")
@@ -398,6 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=_positive, default=600.0, help="seconds per run (each in its own process)")
     b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
     b.set_defaults(func=cmd_bench)
+
+    bt = sub.add_parser("batch", parents=[verbose],
+                        help="run a manifest of certificates (local pool or Ray) into a JSONL file")
+    bt.add_argument("manifest", help="YAML or JSON manifest (models, methods, norms, outputs, domains, expect)")
+    bt.add_argument("--out", default=None, help="results file (JSON Lines; default MANIFEST.results.jsonl)")
+    bt.add_argument("--engine", default="local", choices=["local", "ray"])
+    bt.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: a private one)")
+    bt.add_argument("--workers", type=int, default=None, help="jobs at once (default: CPU cores / cluster)")
+    bt.add_argument("--gpus-per-job", type=float, default=None, help="Ray: GPUs per job (default 1 for cuda)")
+    bt.add_argument("--max-retries", type=int, default=3, help="re-runs of a job whose worker process died")
+    bt.add_argument("--resume", action="store_true", help="skip jobs already in --out; re-run failed ones")
+    bt.add_argument("--check", action="store_true", help="exit 1 if a job fails or breaks its expectation")
+    bt.add_argument("--summary", default=None, help="folder for the table and plots (default OUT_summary)")
+    bt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bt.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("demo", parents=[verbose],
                        help="train a small MLP on sklearn digits (no download) and certify it with every method")

@@ -47,3 +47,11 @@ class CertificationError(LipboundError):
 class OptionError(LipboundError, ValueError):
     """An option (keyword argument, solver setting, device, command-line flag) has an unknown name, a wrong type
     or an out-of-range value, or does not apply to the chosen method or norm. Raised before any work starts."""
+
+
+class ManifestError(LipboundError, ValueError):
+    """A batch manifest is invalid (unknown key, wrong type, missing points file, bad expectation)."""
+
+
+class BatchError(LipboundError, RuntimeError):
+    """A batch cannot run (results file in the way, engine unavailable, cluster unreachable)."""
