@@ -62,10 +62,12 @@ class MethodPlan:
 def plan_methods(network: Network) -> MethodPlan:
     """The methods that apply to ``network`` (``--method all``), with the reason for each one skipped.
 
-    LipSDP-Layer/Neuron need slope-restricted activations only. LipSDP-NSR adds quadratic constraints for
-    GroupSort/MaxMin/Householder layers and LipSDP-RR rewrites MaxMin layers, so on a network without such layers
-    both build exactly the LipSDP-Neuron program: they are skipped there (the bound would be LipSDP-Neuron's).
-    RR applies only when every such layer is a MaxMin (GroupSort of group size 2).
+    LipSDP-Layer/Neuron need slope-restricted activations only. LipSDP-NSR applies to every network (its
+    GroupSort/MaxMin/Householder constraints next to per-neuron slope constraints); LipSDP-RR applies when every
+    non-slope-restricted layer is a MaxMin (GroupSort of group size 2). On a network without such layers NSR and RR
+    build the LipSDP-Neuron program; they still run (they apply), and the notes say so. Per-channel multipliers
+    differ from per-neuron ones only on convolutional layers: ``lipsdp-channel`` is skipped, with that reason, on
+    networks without them.
 
     Examples
     --------
@@ -82,21 +84,14 @@ def plan_methods(network: Network) -> MethodPlan:
     skipped: dict[str, str] = {}
     if other:
         reason = f"needs slope-restricted activations; this network has {listing}"
-        skipped["lipsdp-layer"] = skipped["lipsdp-neuron"] = reason
+        skipped["lipsdp-layer"] = skipped["lipsdp-neuron"] = skipped["lipsdp-channel"] = reason
         not_maxmin = [a for a in other if not (isinstance(a, GroupSortLayer) and a.group_size == 2)]
         if not_maxmin:
             skipped["lipsdp-rr"] = ("rewrites MaxMin (GroupSort of group size 2) only; this network has "
                                     + ", ".join(f"{a.name} ({type(a).__name__})" for a in not_maxmin))
-    if not other and not _has_channels(network):
+    elif not _has_channels(network):
         skipped["lipsdp-channel"] = ("same program as lipsdp-neuron on this network: per-channel multipliers differ "
                                      "from per-neuron ones only on convolutional layers, and it has none")
-    elif other:
-        skipped["lipsdp-channel"] = reason
-    if not other:
-        skipped["lipsdp-nsr"] = ("same program as lipsdp-neuron on this network: NSR adds constraints for "
-                                 "GroupSort/MaxMin/Householder layers only, and it has none")
-        skipped["lipsdp-rr"] = ("same program as lipsdp-neuron on this network: RR rewrites MaxMin layers only, "
-                                "and it has none")
     return MethodPlan(tuple(m for m in METHODS if m not in skipped), skipped)
 
 
@@ -484,7 +479,7 @@ def certify_all(model, methods=None, solver: str = "auto", progress: Progress | 
     >>> certs = certify_all(lipbound.from_weights([np.eye(2), np.eye(2)]))
     >>> [(c.method, c.status) for c in certs]  # doctest: +NORMALIZE_WHITESPACE
     [('mp', 'closed_form'), ('lipsdp-layer', 'optimal'), ('lipsdp-channel', 'skipped'),
-     ('lipsdp-neuron', 'optimal'), ('lipsdp-nsr', 'skipped'), ('lipsdp-rr', 'skipped')]
+     ('lipsdp-neuron', 'optimal'), ('lipsdp-nsr', 'optimal'), ('lipsdp-rr', 'optimal')]
     """
     network = as_network(model, kwargs.pop("input_shape", None), kwargs.pop("activation", "relu"),
                          trust_code=kwargs.pop("trust_code", False))

@@ -107,7 +107,7 @@ def test_certify_all_checks_options_once_before_running(net):
     with pytest.raises(OptionError, match="'tol'"):
         lipbound.certify_all(net, tol="x")
     with pytest.raises(OptionError, match="coupled=True applies to lipsdp-nsr only, which does not run here"):
-        lipbound.certify_all(net, coupled=True)
+        lipbound.certify_all(net, methods=["mp", "lipsdp-neuron"], coupled=True)
     with pytest.raises(FormulationError, match="unknown method"):
         lipbound.certify_all(net, methods=["mp", "lipsdp-nueron"])
 
@@ -125,13 +125,13 @@ def _net(*middle, dims=(2, 2)) -> Network:
 
 def test_plan_methods():
     relu = plan_methods(random_net([3, 4, 2]))
-    assert relu.run == ("mp", "lipsdp-layer", "lipsdp-neuron")
-    assert set(relu.skipped) == {"lipsdp-channel", "lipsdp-nsr", "lipsdp-rr"}
+    assert relu.run == ("mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
+    assert set(relu.skipped) == {"lipsdp-channel"}
     assert all("same program as lipsdp-neuron" in r for r in relu.skipped.values())
     cnn = plan_methods(lipbound.from_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(),
                                                                torch.nn.Flatten(), torch.nn.Linear(8, 2)),
                                            input_shape=(1, 4, 4)))
-    assert cnn.run == ("mp", "lipsdp-layer", "lipsdp-channel", "lipsdp-neuron")
+    assert cnn.run == ("mp", "lipsdp-layer", "lipsdp-channel", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr")
 
     maxmin = plan_methods(lipbound.from_weights([np.eye(2), np.eye(2)], "maxmin"))
     assert maxmin.run == ("mp", "lipsdp-nsr", "lipsdp-rr")
@@ -147,7 +147,7 @@ def test_plan_methods():
 
 
 def test_skipped_methods_would_repeat_lipsdp_neuron():
-    """The reason NSR and RR are skipped on slope-restricted nets: they give exactly LipSDP-Neuron's bound."""
+    """On slope-restricted nets NSR, RR and per-channel multipliers give exactly LipSDP-Neuron's bound."""
     net = random_net([4, 6, 6, 2], seed=3)
     neuron = lipbound.certify(net, method="lipsdp-neuron")
     for method in ("lipsdp-nsr", "lipsdp-rr", "lipsdp-channel"):
@@ -159,9 +159,10 @@ def test_certify_all_reports_skipped_methods_and_progress():
     certs = lipbound.certify_all(random_net([3, 4, 2]), progress=lambda d, t, label: seen.append((d, t, label)))
     assert [c.method for c in certs] == list(lipbound.METHODS)
     status = {c.method: c.status for c in certs}
-    assert [m for m, st in status.items() if st == "skipped"] == ["lipsdp-channel", "lipsdp-nsr", "lipsdp-rr"]
+    assert [m for m, st in status.items() if st == "skipped"] == ["lipsdp-channel"]
     assert all(c.certified for c in certs if c.status != "skipped")
-    assert seen == [(0, 3, "mp"), (1, 3, "lipsdp-layer"), (2, 3, "lipsdp-neuron"), (3, 3, "done")]
+    assert seen == [(0, 5, "mp"), (1, 5, "lipsdp-layer"), (2, 5, "lipsdp-neuron"), (3, 5, "lipsdp-nsr"),
+                    (4, 5, "lipsdp-rr"), (5, 5, "done")]
 
 
 def test_method_that_turns_out_not_to_apply_is_skipped_with_the_reason():

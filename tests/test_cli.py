@@ -39,18 +39,17 @@ def test_certify_all_methods_writes_json(relu_mat, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "lipsdp-neuron" in printed and "lower bound" in printed
-    assert "skipped lipsdp-nsr: same program as lipsdp-neuron" in printed
-    assert "skipped lipsdp-rr: same program as lipsdp-neuron" in printed
+    assert "skipped lipsdp-channel: same program as lipsdp-neuron" in printed
     records = json.loads(out.read_text())
     assert [r["method"] for r in records] == list(lipbound.METHODS)
     ran = [r for r in records if r["status"] != "skipped"]
-    assert [r["method"] for r in ran] == ["mp", "lipsdp-layer", "lipsdp-neuron"]
+    assert [r["method"] for r in ran] == ["mp", "lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr"]
     for r in ran:
         assert set(r) >= {"method", "solver", "norm", "upper_bound", "certified", "solver_bound", "lower_bound",
                           "time_s"}
         assert r["certified"] and r["upper_bound"] >= r["lower_bound"]
     for r in records:
-        if r["method"] not in ("mp", "lipsdp-layer", "lipsdp-neuron"):
+        if r["method"] == "lipsdp-channel":
             assert r["status"] == "skipped" and not r["certified"]
             assert "lipsdp-neuron" in r["reason"]
 
@@ -93,7 +92,6 @@ def test_not_certified_exits_2(relu_mat, monkeypatch, capsys):
     (["--output-index", "0"], "--output-index 0 applies to --norm linf only"),
     (["--coupled"], "--coupled applies to --method lipsdp-nsr"),
     (["--method", "mp", "--coupled"], "--coupled applies to --method lipsdp-nsr"),
-    (["--method", "all", "--coupled"], "coupled=True applies to lipsdp-nsr only, which does not run here"),
     (["--solver", "bogus"], "unknown solver 'bogus'"),
     (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
     (["--radius", "0.1"], "--radius needs --center"),
@@ -224,4 +222,4 @@ def test_demo_runs(capsys):
     assert main(["demo", "--epochs", "30"]) == 0
     out = capsys.readouterr().out
     assert "digits" in out and "lipsdp-neuron" in out and "NOT CERTIFIED" not in out
-    assert "skipped lipsdp-nsr" in out and "skipped lipsdp-rr" in out
+    assert all(m in out for m in ("mp ", "lipsdp-layer ", "lipsdp-nsr ", "lipsdp-rr ")) and "skipped lipsdp-channel" in out
