@@ -165,10 +165,12 @@ class LinearMap:
         key = (dtype, str(device))
         if key not in cache:
             if sp.issparse(self.matrix):
+                # (rows, cols, values): applied by gather and index_add, which (unlike torch.sparse.mm) also
+                # support forward-mode differentiation (the Jacobian-vector products of lipbound.lower_bound).
                 coo = self.matrix.tocoo()
-                idx = torch.tensor(np.vstack([coo.row, coo.col]), dtype=torch.long, device=device)
-                mat = torch.sparse_coo_tensor(idx, torch.tensor(coo.data, dtype=dtype, device=device),
-                                              coo.shape, check_invariants=False).coalesce()
+                mat = (torch.tensor(coo.row, dtype=torch.long, device=device),
+                       torch.tensor(coo.col, dtype=torch.long, device=device),
+                       torch.tensor(coo.data, dtype=dtype, device=device))
             else:
                 mat = torch.tensor(self.matrix, dtype=dtype, device=device)
             cache[key] = (mat, torch.tensor(self.bias, dtype=dtype, device=device))
@@ -176,8 +178,9 @@ class LinearMap:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mat, bias = self._torch(x.dtype, x.device)
-        if mat.is_sparse:
-            return torch.sparse.mm(mat, x.T).T + bias
+        if isinstance(mat, tuple):
+            rows, cols, values = mat
+            return x.new_zeros(x.shape[0], self.out_dim).index_add(1, rows, x[:, cols] * values) + bias
         return x @ mat.T + bias
 
 

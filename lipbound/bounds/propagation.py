@@ -161,13 +161,14 @@ class Propagation:
         return self.boxes
 
     def _needs_crown(self, i: int) -> bool:
-        """Whether CROWN can improve on the IBP box of a pre-activation node: not for a linear operator of the
-        input (IBP concretises it over the domain already) nor for a node without relaxation (CROWN would
-        concretise over its own box)."""
+        """Whether CROWN can improve on the IBP box of a pre-activation node: only for linear nodes other than a
+        linear operator of the input (IBP concretises that over the domain already). The output of a nonlinear
+        node is best bounded by its image: CROWN would bound it through the node's own relaxation lines (or
+        its box), which lie outside the image."""
         node = self.nodes[i]
         if isinstance(node.op, (LinearMap, Conv)):
             return node.inputs[0] != 0
-        return not isinstance(node.op, (GroupSortLayer, HouseholderLayer))
+        return node.is_linear
 
     def _interval(self, i: int) -> Interval:
         node = self.nodes[i]
@@ -211,22 +212,13 @@ class Propagation:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _backward(self, t: int, start: int, stop: int) -> Interval:
-        """CROWN bounds of the entries ``start:stop`` of node ``t``."""
+        """CROWN bounds of the entries ``start:stop`` of the linear node ``t``."""
         k = stop - start
         zeros = torch.zeros(k, dtype=F64, device=self.device)
         sides = (_Side(True, zeros), _Side(False, zeros))
-        node = self.nodes[t]
-        if node.is_linear:
-            self._start(t, start, stop, sides)
-            first = t - 1
-        else:
-            eye = torch.zeros(k, node.size, dtype=F64, device=self.device)
-            eye[torch.arange(k, device=self.device), torch.arange(start, stop, device=self.device)] = 1.0
-            for side in sides:
-                side.lam[t] = eye
-            first = t
+        self._start(t, start, stop, sides)
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for j in range(first, 0, -1):
+        for j in range(t - 1, 0, -1):
             if j not in sides[0].lam:
                 continue
             coefs = [side.lam.pop(j) for side in sides]
