@@ -185,6 +185,7 @@ class Box:
         return _linear_bounds(self, a, b)
 
     def concretizer(self, device: torch.device) -> Concretizer:
+        """The box in torch form on ``device`` (for the propagation)."""
         lo = torch.tensor(self.lower, dtype=F64, device=device)
         hi = torch.tensor(self.upper, dtype=F64, device=device)
         return Concretizer.from_box(lo, hi)
@@ -265,6 +266,7 @@ class Ball:
         return _linear_bounds(self, a, b)
 
     def concretizer(self, device: torch.device) -> Concretizer:
+        """The ball in torch form on ``device`` (for the propagation)."""
         c = torch.tensor(self.center, dtype=F64, device=device)
         lo, hi = (torch.tensor(v, dtype=F64, device=device) for v in self.enclosing_box())
         return Concretizer(self.norm, c, torch.tensor(self.radius, dtype=F64, device=device), (lo, hi))
