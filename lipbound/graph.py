@@ -165,7 +165,8 @@ class LinearMap:
         key = (dtype, str(device))
         if key not in cache:
             if sp.issparse(self.matrix):
-                # (rows, cols, values): applied with index_add, which (unlike sparse matmul) supports forward-mode AD
+                # (rows, cols, values): applied by gather and index_add, which (unlike torch.sparse.mm) also
+                # support forward-mode differentiation (the Jacobian-vector products of lipbound.lower_bound).
                 coo = self.matrix.tocoo()
                 mat = (torch.tensor(coo.row, dtype=torch.long, device=device),
                        torch.tensor(coo.col, dtype=torch.long, device=device),
@@ -178,9 +179,8 @@ class LinearMap:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mat, bias = self._torch(x.dtype, x.device)
         if isinstance(mat, tuple):
-            rows, cols, vals = mat
-            out = torch.zeros(x.shape[0], self.out_dim, dtype=x.dtype, device=x.device)
-            return out.index_add(1, rows, x[:, cols] * vals) + bias
+            rows, cols, values = mat
+            return x.new_zeros(x.shape[0], self.out_dim).index_add(1, rows, x[:, cols] * values) + bias
         return x @ mat.T + bias
 
 

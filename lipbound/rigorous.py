@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 import scipy.linalg
+import torch
 
 from lipbound.program import UNIT_ROUNDOFF, BlockPattern, gamma
 
@@ -21,14 +22,43 @@ _U = Fraction(1, 2**53)
 _ETA = Fraction(1, 2**1075)
 
 
+#: The smallest normal binary64 number: the absolute error of one operation that underflows, also under
+#: flush-to-zero (gradual underflow alone errs by at most half of the smallest subnormal).
+TINY = 2.0**-1022
+
+
 def next_up(x):
-    """Elementwise one ulp up: ``>=`` the exact result whose round-to-nearest value is ``x``."""
+    """Elementwise one ulp up: ``>=`` the exact result whose round-to-nearest value is ``x``.
+
+    ``x`` is a float, a numpy array or a torch tensor (the result has the same type).
+
+    Examples
+    --------
+    >>> bool(next_up(1.0) > 1.0)
+    True
+    """
+    if isinstance(x, torch.Tensor):
+        return torch.nextafter(x, torch.full_like(x, math.inf))
     return np.nextafter(x, np.inf)
 
 
 def next_down(x):
-    """Elementwise one ulp down: ``<=`` the exact result whose round-to-nearest value is ``x``."""
+    """Elementwise one ulp down: ``<=`` the exact result whose round-to-nearest value is ``x`` (numpy or torch)."""
+    if isinstance(x, torch.Tensor):
+        return torch.nextafter(x, torch.full_like(x, -math.inf))
     return np.nextafter(x, -np.inf)
+
+
+def outward_up(x):
+    """``next_up(x) + TINY``: ``>=`` the exact result of the one operation that gave ``x``, even when it
+    underflowed under flush-to-zero (numpy or torch; the bound analysis of :mod:`lipbound.bounds` uses it)."""
+    return next_up(x) + TINY
+
+
+def outward_down(x):
+    """``next_down(x) - TINY``: ``<=`` the exact result of the one operation that gave ``x`` (see
+    :func:`outward_up`)."""
+    return next_down(x) - TINY
 
 
 def round_up(x: Fraction | float) -> float:
@@ -72,8 +102,6 @@ def _cholesky_succeeds(a: np.ndarray, device: str | None) -> bool:
     ``gamma_k`` analysis as LAPACK (any summation order), with the doubled constant of Rump's test.
     """
     if device is not None and str(device).startswith("cuda"):
-        import torch
-
         t = torch.as_tensor(a, dtype=torch.float64, device=device)
         factor, info = torch.linalg.cholesky_ex(t)
         if int(info) != 0:
@@ -207,8 +235,6 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
     rigorous search for ``delta`` and is reported as the solver's eigenvalue defect)."""
     n = m.shape[0]
     if device is not None and str(device).startswith("cuda"):
-        import torch
-
         return float(torch.linalg.eigvalsh(torch.as_tensor(m, dtype=torch.float64, device=device))[-1])
     if n <= 400:
         return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
