@@ -82,7 +82,7 @@ def test_ids_change_with_every_input(folder):
 def test_all_methods_and_outputs_come_from_the_model(folder):
     data = {"models": ["b.npz"], "methods": "all", "norms": ["linf"], "outputs": "all"}
     jobs = list(Manifest.from_dict(data, base_dir=folder).jobs())
-    assert sorted({j.method for j in jobs}) == ["lipsdp-layer", "lipsdp-neuron", "mp"]
+    assert sorted({j.method for j in jobs}) == ["lipsdp-layer", "lipsdp-neuron", "lipsdp-nsr", "lipsdp-rr", "mp"]
     assert sorted({j.output_index for j in jobs}) == [0, 1]
 
 
