@@ -22,7 +22,7 @@ from lipbound.errors import (
     UnsupportedLayerError,
 )
 from lipbound.graph import GraphNetwork
-from lipbound.importers import from_state_dict, from_torch, from_weights, load
+from lipbound.importers import from_onnx, from_state_dict, from_torch, from_weights, load
 from lipbound.lower import LowerBound, lower_bound
 from lipbound.network import (
     Affine,
@@ -41,7 +41,7 @@ __all__ = [
     "Ball", "Box", "DomainError", "activation_bounds", "local_slopes", "stable_neurons",
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
     "FormulationError", "GraphNetwork", "LipboundError", "LowerBound", "Network", "NetworkError", "SlopeRestricted",
-    "SolverError", "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_state_dict", "from_torch",
-    "from_weights", "load",
+    "SolverError", "UnsupportedLayerError", "Verification", "certify", "certify_all", "from_onnx", "from_state_dict",
+    "from_torch", "from_weights", "load",
     "lower_bound", "verify_certificate",
 ]

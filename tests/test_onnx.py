@@ -220,11 +220,13 @@ def test_gemm_attributes_and_matmul_variants():
              n("MatMul", ["h", "W"], ["m1"]),          # (N, 2, 3) @ (3, 4)
              n("MatMul", ["A", "h"], ["m2"]),          # (5, 2) @ (N, 2, 3)
              n("MatMul", ["h", "v"], ["m3"]),          # (N, 2, 3) @ (3,)
-             n("Flatten", ["m1"], ["f1"]), n("Flatten", ["m2"], ["f2"]),
-             n("Concat", ["f1", "f2", "m3"], ["y"], axis=1)]
+             n("Unsqueeze", ["h", "one"], ["h4"]),    # (N, 1, 2, 3)
+             n("MatMul", ["h4", "Wb"], ["m4"]),        # (N, 1, 2, 3) @ (1, 3, 3, 2): per-block matrices
+             n("Flatten", ["m1"], ["f1"]), n("Flatten", ["m2"], ["f2"]), n("Flatten", ["m4"], ["f4"]),
+             n("Concat", ["f1", "f2", "m3", "f4"], ["y"], axis=1)]
     inits = {"B": _rand(4, 5), "C": _rand(1, 5), "B2": _rand(6, 5, seed=1), "c2": np.array(0.25),
              "shape": np.array([0, 2, 3], dtype=np.int64), "W": _rand(3, 4, seed=2), "A": _rand(5, 2, seed=3),
-             "v": _rand(3, seed=4)}
+             "v": _rand(3, seed=4), "one": np.array([1], dtype=np.int64), "Wb": _rand(1, 3, 3, 2, seed=5)}
     check_graph(graph_model(nodes, (4,), inits), (4,))
 
 
@@ -338,6 +340,38 @@ def test_opsets(opset):
     check_graph(model, (3,))
 
 
+def test_local_functions_are_inlined():
+    n = helper.make_node
+    fn = helper.make_function("local", "Dense", ["a", "w"], ["r"],
+                              [n("MatMul", ["a", "w"], ["m"]), n("Relu", ["m"], ["r"])],
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = graph_model([n("Dense", ["x", "W"], ["h"], domain="local"), n("Neg", ["h"], ["y"])], (3,),
+                        {"W": _rand(3, 4)})
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.functions.append(fn)
+    net = check_graph(model, (3,))
+    assert [n.op.activation.name for n in net.nodes if hasattr(n.op, "activation")] == ["relu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_decomposed_gelu_certifies_like_the_torch_module(dtype):
+    """Opset 17 has no Gelu: the legacy exporter writes 0.5 x (1 + erf(x / sqrt(2))) with sqrt(2) rounded to the
+    model's precision. Imported as GELU(k x) / k with rigorous scalings, it certifies to torch's GELU bound."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)).to(dtype)
+    model = export(module, (4,), False, opset=17, dtype=dtype)
+    assert "Erf" in {n.op_type for n in model.graph.node}
+    net = from_onnx(model)
+    gelu = [n for n in net.nodes if getattr(getattr(n.op, "activation", None), "name", "") == "gelu"]
+    assert len(gelu) == 2
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(net(x).numpy(), module.double()(x).numpy(), 1e-12 if dtype == torch.float64 else 1e-7)
+    expected = lipbound.certify(lipbound.from_torch(module, input_shape=4), method="lipsdp-neuron")
+    cert = lipbound.certify(model, method="lipsdp-neuron")
+    assert cert.certified and abs(cert.upper_bound - expected.upper_bound) <= 1e-9 * expected.upper_bound
+
+
 # -- refusals -----------------------------------------------------------------------------------------------
 
 def test_unsupported_nodes_are_all_named_with_hints():
@@ -431,7 +465,7 @@ def test_model_level_refusals():
 # -- the cross-check ----------------------------------------------------------------------------------------
 
 def test_mismatch_with_onnxruntime_is_an_error(monkeypatch):
-    from lipbound.importers import onnx as onnx_import
+    from lipbound.importers.onnx import translator as onnx_import
 
     model = graph_model([helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])],
                         (3,), {"W": _rand(3, 3)})
@@ -483,6 +517,15 @@ def test_external_data(tmp_path):
     onnx.save_model(escaping, str(tmp_path / "escape.onnx"))
     with pytest.raises(NetworkError, match="outside the model's folder"):
         lipbound.load(tmp_path / "escape.onnx")
+
+
+def test_model_proto_without_its_external_data(tmp_path):
+    _, model = _mlp_model()
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    with pytest.raises(NetworkError, match="external data is not loaded"):
+        from_onnx(onnx.load(str(path), load_external_data=False))
+    assert from_onnx(onnx.load(str(path))).dims == (4, 6, 5, 2)
 
 
 def test_corrupt_files_name_the_file(tmp_path):
