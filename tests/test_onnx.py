@@ -177,6 +177,20 @@ def test_operator_matches_onnxruntime_and_torch(case, dynamo):
     assert_close(ours, theirs, 1e-12)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_operator_matches_onnxruntime_float32(case):
+    """onnxruntime has float32 kernels for every operator (not all float64 ones): the same cases in float32, against
+    onnxruntime itself, to the model's precision."""
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    model = export(factory().eval(), shape, False, dtype=torch.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((6, *shape)).astype(np.float32)
+    with torch.no_grad():
+        ours = from_onnx(model)(torch.from_numpy(x.astype(np.float64)).reshape(6, -1)).numpy()
+    assert_close(ours, session.run(None, {"x": x})[0].reshape(6, -1), 1e-5)
+
+
 # -- hand-built graphs: attributes and operators torch does not emit ----------------------------------------
 
 def graph_model(nodes, shape, inits=None, opset=17, dtype=TensorProto.DOUBLE, batch="N", name="g"):
@@ -370,6 +384,35 @@ def test_decomposed_gelu_certifies_like_the_torch_module(dtype):
     expected = lipbound.certify(lipbound.from_torch(module, input_shape=4), method="lipsdp-neuron")
     cert = lipbound.certify(model, method="lipsdp-neuron")
     assert cert.certified and abs(cert.upper_bound - expected.upper_bound) <= 1e-9 * expected.upper_bound
+
+
+SOUNDNESS_CASES = {
+    "conv_skip_avgpool": (lambda: Fn(lambda s, x: s.l(torch.flatten(F.avg_pool2d(torch.relu(s.c2(torch.relu(s.c1(x))))
+                                                                                  + s.c1(x), 2), 1)),
+                                     c1=nn.Conv2d(1, 2, 3, padding=1), c2=nn.Conv2d(2, 2, 3, padding=1),
+                                     l=_lin(8, 2)), "lipsdp-neuron"),
+    "conv_maxpool": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Flatten(),
+                                           _lin(2, 2)), "lipsdp-nsr"),
+}
+
+
+@pytest.mark.parametrize("case", list(SOUNDNESS_CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_certified_bound_holds_on_onnxruntime_pairs(case, seed):
+    """End to end: the bound certified for the imported file is at least every difference quotient of the file's
+    own function (evaluated by onnxruntime) on random and nearby pairs."""
+    factory, method = SOUNDNESS_CASES[case]
+    torch.manual_seed(seed)
+    model = export(factory().eval(), (1, 4, 4), False, dtype=torch.float32)
+    cert = lipbound.certify(model, method=method)
+    assert cert.certified
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 1, 4, 4)).astype(np.float32)
+    y = np.concatenate([rng.standard_normal((100, 1, 4, 4)),
+                        x[100:] + 0.1 * rng.standard_normal((100, 1, 4, 4))]).astype(np.float32)
+    fx, fy = reference(model, x).reshape(200, -1), reference(model, y).reshape(200, -1)
+    quotients = np.linalg.norm(fx - fy, axis=1) / np.linalg.norm((x - y).reshape(200, -1).astype(np.float64), axis=1)
+    assert quotients.max() <= cert.upper_bound * (1 + 1e-4)  # float32 evaluation of the pairs
 
 
 # -- refusals -----------------------------------------------------------------------------------------------
