@@ -324,8 +324,9 @@ def test_data_movement_operators():
              n("Expand", ["s2", "eshape"], ["e"]), n("DepthToSpace", ["x"], ["ds"], blocksize=2),
              n("GatherElements", ["x", "gidx"], ["ge"], axis=1), n("Slice", ["x", "st", "en", "ax", "stp"], ["sl"]),
              n("Pad", ["x", "pads", "pv"], ["pd"], mode="edge"), n("Transpose", ["x"], ["tr"], perm=[0, 2, 3, 1]),
-             n("TopK", ["x", "k"], ["tk", "tki"], axis=2, largest=0)]
-    outs = ["t", "e", "ds", "ge", "sl", "pd", "tr", "tk"]
+             n("TopK", ["x", "k"], ["tk", "tki"], axis=2, largest=0),
+             n("Where", ["mask", "x", "pv"], ["wh"])]
+    outs = ["t", "e", "ds", "ge", "sl", "pd", "tr", "tk", "wh"]
     nodes += [n("Flatten", [o], [f"{o}_f"]) for o in outs]
     nodes.append(n("Concat", [f"{o}_f" for o in outs], ["y"], axis=1))
     inits = {"sizes": np.array([1, 3], dtype=np.int64), "reps": np.array([1, 1, 2, 1], dtype=np.int64),
@@ -334,7 +335,8 @@ def test_data_movement_operators():
              "st": np.array([3, 0], dtype=np.int64), "en": np.array([0, 2], dtype=np.int64),
              "ax": np.array([1, 2], dtype=np.int64), "stp": np.array([-2, 1], dtype=np.int64),
              "pads": np.array([0, 0, 1, 0, 0, 0, 0, 2], dtype=np.int64), "pv": np.array(0.0),
-             "k": np.array([2], dtype=np.int64)}
+             "k": np.array([2], dtype=np.int64),
+             "mask": np.random.default_rng(1).integers(0, 2, (4, 1, 3)).astype(bool)}
     check_graph(graph_model(nodes, (4, 2, 3), inits, batch=1), (4, 2, 3))
 
 
@@ -413,6 +415,34 @@ def test_certified_bound_holds_on_onnxruntime_pairs(case, seed):
     fx, fy = reference(model, x).reshape(200, -1), reference(model, y).reshape(200, -1)
     quotients = np.linalg.norm(fx - fy, axis=1) / np.linalg.norm((x - y).reshape(200, -1).astype(np.float64), axis=1)
     assert quotients.max() <= cert.upper_bound * (1 + 1e-4)  # float32 evaluation of the pairs
+
+
+def _groupsort_models():
+    import lipbound.nn as lnn
+
+    yield "lipbound_groupsort4", lambda: nn.Sequential(_lin(4, 8), lnn.GroupSort(4), _lin(8, 2))
+    yield "lipbound_maxmin", lambda: nn.Sequential(_lin(4, 6), lnn.GroupSort(2), _lin(6, 6), lnn.GroupSort(2),
+                                                   _lin(6, 2))
+    try:
+        from deel import torchlip
+    except ImportError:
+        return
+    yield "deel_groupsort2", lambda: torchlip.Sequential(torchlip.SpectralLinear(4, 6), torchlip.GroupSort2(),
+                                                         torchlip.SpectralLinear(6, 2)).vanilla_export()
+
+
+@pytest.mark.parametrize("case", [pytest.param(f, id=name) for name, f in _groupsort_models()])
+def test_groupsort_models_certify_like_from_torch(case):
+    """GroupSort exports as TopK (lipbound.nn) or ReduceMin/ReduceMax of pairs (deel-torchlip): one GroupSort node
+    per tensor, and the same LipSDP-NSR bound as the module imported with from_torch."""
+    torch.manual_seed(0)
+    module = case().double().eval()
+    net = from_onnx(export(module, (4,), False))
+    expected = lipbound.from_torch(module, input_shape=4)
+    assert net.n_hidden == expected.n_hidden
+    a = lipbound.certify(net, method="lipsdp-nsr")
+    b = lipbound.certify(expected, method="lipsdp-nsr")
+    assert a.certified and abs(a.upper_bound - b.upper_bound) <= 1e-9 * b.upper_bound
 
 
 # -- refusals -----------------------------------------------------------------------------------------------

@@ -83,8 +83,12 @@ class NonlinearOps:
         return self._bias(h, cv, label + "_unshift") if np.any(cv) else h
 
     def _sort_last(self, x: NodeValue, label: str) -> NodeValue:
-        """GroupSort (ascending) along the last logical dimension."""
-        return self._add(GroupSortLayer(x.size, x.shape[-1], name=label), [x], label, x.shape)
+        """GroupSort (ascending) along the last logical dimension; one node per tensor, however many maxima,
+        minima and TopKs read it (deel-torchlip's GroupSort2 is a ReduceMin and a ReduceMax of the same pairs)."""
+        key = ("sort", x.node, x.shape)
+        if key not in self.shared:
+            self.shared[key] = self._add(GroupSortLayer(x.size, x.shape[-1], name=label), [x], label, x.shape)
+        return self.shared[key]
 
     def _extreme_last(self, x: NodeValue, label: str, largest: bool, keep_shape) -> NodeValue:
         """Max (or min) over the last logical dimension, with output shape ``keep_shape``."""
@@ -150,8 +154,12 @@ class NonlinearOps:
         if axes is None:
             return x
         keep = [i for i in range(len(x.shape)) if i not in axes]
-        moved = self._gather([x], lambda t: t.permute(0, *[i + 1 for i in keep], *[a + 1 for a in axes]).reshape(
-            t.shape[0], *[x.shape[i] for i in keep], -1), label + "_move")
+        key = ("reduce", x.node, x.shape, axes)
+        if key not in self.shared:
+            self.shared[key] = self._gather([x], lambda t: t.permute(0, *[i + 1 for i in keep],
+                                                                     *[a + 1 for a in axes]).reshape(
+                t.shape[0], *[x.shape[i] for i in keep], -1), label + "_move")
+        moved = self.shared[key]
         if attrs.get("keepdims", 1):
             shape = tuple(1 if i in axes else x.shape[i] for i in range(len(x.shape)))
         else:

@@ -73,8 +73,11 @@ class PatternOps:
         raise Unrepresentable("comparison (data-dependent control flow)")
 
     def _op_Where(self, label, args, attrs, node):
-        """torch's Softplus with a threshold: ``Where(beta x > t, x, Softplus(beta x) / beta)``."""
+        """A constant mask selects (data movement); else only torch's Softplus with a threshold:
+        ``Where(beta x > t, x, Softplus(beta x) / beta)``."""
         cond, x, soft = args
+        if not isinstance(cond, (NodeValue, Expression, Comparison)):
+            return self._movement(node, label, args, data=(1, 2))
         if isinstance(cond, Comparison) and isinstance(x, NodeValue) and isinstance(soft, NodeValue):
             z = cond.value
             source, beta = self._scaling(z.node)

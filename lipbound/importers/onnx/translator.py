@@ -111,6 +111,7 @@ class OnnxTranslator(LinearOps, NonlinearOps, PatternOps):
         self.scaled: dict[int, tuple[int, Fraction]] = {}  # node -> (source node, exact factor)
         self.activation_of: dict[int, tuple[str, int]] = {}  # node -> (activation name, source node)
         self.materialised: dict[Expression, NodeValue] = {}
+        self.shared: dict[tuple, NodeValue] = {}  # sorts of the same tensor, shared by its maxima and minima
         self.folded = 0
         self.used: set[str] = set()
         self.input_name, self.sample_shape, self.batch, self.dtype, self.symbolic_batch = self._input(input_shape)
@@ -375,8 +376,10 @@ class OnnxTranslator(LinearOps, NonlinearOps, PatternOps):
         return self._broadcast_to(x, target, name + "_x"), self._broadcast_to(y, target, name + "_y")
 
     # -- data movement and identities -----------------------------------------------------------------
-    def _movement(self, node, label: str, args: list) -> list:
-        data = _MOVEMENT[node.op_type]
+    def _movement(self, node, label: str, args: list, data: tuple[int, ...] | None = ()) -> list:
+        """A data-movement node (``data``: the inputs that carry data, ``None``: all; default from the table),
+        its matrix found by running the operator on tensors of indices."""
+        data = _MOVEMENT[node.op_type] if data == () else data
         positions = range(len(args)) if data is None else data
         for i, a in enumerate(args):
             if isinstance(a, NodeValue) and i not in positions:
