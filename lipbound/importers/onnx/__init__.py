@@ -20,14 +20,13 @@ How
        ``Split``, ``Concat``, ``Pad``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ...) as selections found by
        running the operator on tensors of indices, sums and constant scalings, element-wise activations, and
        ``MaxPool``/``Max``/``Min``/``ReduceMax``/``TopK`` as GroupSort between selections. Activations that
-       exporters decompose are recognised: ``x * Sigmoid(x)`` (SiLU), ``x * Tanh(Softplus(x))`` (Mish) and
-       ``0.5 * x * (1 + Erf(x / sqrt(2)))`` (GELU, in any order of the factors; with a rounded constant ``c`` in
-       place of ``1/sqrt(2)`` it is ``GELU(k x) / k`` with ``k = sqrt(2) c``, imported as exactly that, the two
-       scalings carrying rigorous error bounds).
-    3. **Cross-check.** The imported network is evaluated against onnxruntime (graph optimisations off) on random
-       inputs; a relative difference above 1e-6 (float64 models) or the model's precision (float32: 1e-4 of the
-       output scale) is a :class:`~lipbound.errors.NetworkError`, never a silent bound. With a symbolic batch
-       the check uses another batch size than the translation, so nothing batch-dependent slips through.
+       exporters decompose are recognised (:mod:`.patterns`): SiLU, Mish, torch's thresholded Softplus and the
+       erf form of GELU.
+    3. **Cross-check.** The imported network is evaluated against onnxruntime (graph optimisations off; onnx's
+       reference evaluator where onnxruntime has no kernel, as for float64 convolutions) on random inputs; a
+       relative difference above 1e-6 (float64 models) or the model's precision (float32: 1e-4 of the output
+       scale) is a :class:`~lipbound.errors.NetworkError`, never a silent bound. With a symbolic batch the check
+       uses another batch size than the translation, so nothing batch-dependent slips through.
 
 Everything else is refused: all offending nodes are named at once in one
 :class:`~lipbound.errors.UnsupportedLayerError`, with hints (normalisation layers, softmax, products of two

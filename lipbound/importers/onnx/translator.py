@@ -100,7 +100,6 @@ class OnnxTranslator(LinearOps, NonlinearOps, PatternOps):
     """
 
     def __init__(self, model, name: str, input_shape: Sequence[int] | None = None):
-        self.model = model
         self.graph = model.graph
         self.name = name
         self.opset = default_opset(model)
