@@ -23,7 +23,7 @@ from lipbound.errors import (
     UnsupportedLayerError,
 )
 from lipbound.graph import GraphNetwork
-from lipbound.importers import from_state_dict, from_torch, from_weights, load
+from lipbound.importers import from_onnx, from_state_dict, from_torch, from_weights, load
 from lipbound.lower import LowerBound, lower_bound
 from lipbound.network import (
     Affine,
@@ -45,6 +45,6 @@ __all__ = [
     "METHODS", "SUPPORTED_ACTIVATIONS", "ActivationSpec", "Affine", "Certificate", "CertificationError",
     "FormulationError", "GraphNetwork", "LipboundError", "LowerBound", "Network", "NetworkError", "OptionError",
     "SlopeRestricted", "SolverError", "UnsupportedLayerError", "Verification", "certify", "certify_all",
-    "from_state_dict", "from_torch", "from_weights", "load",
+    "from_onnx", "from_state_dict", "from_torch", "from_weights", "load",
     "lower_bound", "verify_certificate", "batch", "testing",
 ]

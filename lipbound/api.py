@@ -40,7 +40,12 @@ def as_network(model, input_shape=None, activation: str = "relu", architecture: 
     if isinstance(model, (str, Path)):
         return load(model, activation=activation, architecture=architecture, input_shape=input_shape,
                     trust_code=trust_code)
-    raise TypeError(f"cannot certify a {type(model).__name__}: pass a lipbound.Network, an nn.Module or a path.")
+    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+        from lipbound.importers.onnx import from_onnx
+
+        return from_onnx(model, input_shape=input_shape)
+    raise TypeError(f"cannot certify a {type(model).__name__}: pass a lipbound.Network, an nn.Module, an ONNX "
+                    "model or a path.")
 
 
 @dataclass(frozen=True)

@@ -31,24 +31,18 @@ import torch
 from lipbound.activations import ActivationSpec
 from lipbound.errors import NetworkError, UnsupportedLayerError
 from lipbound.graph import Conv, GraphBuilder, GraphNetwork, LinearMap
+from lipbound.importers.common import NodeValue as _T
+from lipbound.importers.common import U as _U
+from lipbound.importers.common import Unrepresentable as _Unsupported
+from lipbound.importers.common import batchnorm_affine, is_identity_selection, linear_map_of, selection
+from lipbound.importers.common import expand as _expand
+from lipbound.importers.common import pool_windows as _pool_windows
+from lipbound.importers.common import size_of as _size
 from lipbound.network import GroupSortLayer, HouseholderLayer, SlopeRestricted
 
 log = logging.getLogger("lipbound")
 
 aten = torch.ops.aten
-_U = 2.0**-53
-
-
-@dataclass(frozen=True)
-class _T:
-    """An input-dependent tensor: the flat value of graph node ``node``, viewed with logical ``shape``."""
-
-    node: int
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
 
 
 @dataclass(frozen=True)
@@ -122,28 +116,6 @@ def _arguments(node) -> dict:
         out[i] = a
     out.update(node.kwargs)
     return out
-
-
-def _size(shape) -> int:
-    return int(np.prod(shape)) if len(shape) else 1
-
-
-def _reciprocal_err(values: np.ndarray) -> tuple[np.ndarray, bool]:
-    """For entries that are ``fl(1/d)`` (``d`` a positive integer) or exact, an entrywise bound on the distance to
-    ``1/d``; the flag says whether every entry was recognised."""
-    err = np.zeros_like(values)
-    ok = True
-    for v in np.unique(values):
-        if v == 0 or float(v).is_integer():
-            continue
-        d = round(1.0 / float(v))
-        if d <= 0 or 1.0 / d != float(v):
-            ok = False
-            continue
-        e = abs(Fraction(float(v)) - Fraction(1, d))
-        if e:
-            err[values == v] = math.nextafter(float(e), math.inf)
-    return err, ok
 
 
 class AtenTranslator:
@@ -337,48 +309,8 @@ class AtenTranslator:
         """The result of the pure data-movement function ``fn`` (of tensors with a batch dimension) applied to
         ``inputs`` (``_T`` or constant tensors), as a selection of the flat concatenation of the ``_T`` inputs plus
         a constant vector. Returns a ``_T``."""
-        batch = 2
-        offsets, total = [], 0
-        for t in inputs:
-            if isinstance(t, _T):
-                offsets.append(total)
-                total += t.size
-        base = float(2 * total + 8)
-
-        def ids(shift: float):
-            out, k = [], 0
-            for t in inputs:
-                if isinstance(t, _T):
-                    n = t.size
-                    vals = torch.arange(n, dtype=torch.float64) + 1 + offsets[k] + shift
-                    vals = torch.stack([vals, vals + base])
-                    out.append(vals.reshape(batch, *t.shape))
-                    k += 1
-                else:
-                    c = torch.as_tensor(t, dtype=torch.float64)
-                    out.append(c)
-            return out
-
-        with torch.no_grad():
-            first = fn(*ids(0.0))
-            second = fn(*ids(float(4 * base)))
-        if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] != batch:
-            raise _Unsupported("data movement across the batch dimension")
-        out_shape = tuple(int(s) for s in first.shape[1:])
-        f = first.reshape(batch, -1).numpy()
-        s = second.reshape(batch, -1).numpy()
-        moved = s != f  # entries that come from an input (they shift with the ids); the rest are constants
-        if not np.array_equal(moved[0], moved[1]):
-            raise _Unsupported("data movement that depends on the sample")
-        m = moved[0]
-        src = np.where(m, f[0] - 1, -1)
-        if np.any(m & ((f[1] - f[0]) != base)):
-            raise _Unsupported("data movement across the batch dimension")
-        if np.any(m & ((src < 0) | (src >= total) | (src != np.round(src)))):
-            raise _Unsupported("data movement that is not a selection")
-        const = np.where(m, 0.0, f[0])
-        src = src.astype(np.int64)
-        n_out = src.size
+        out_shape, mat, const = selection(inputs, fn)
+        total = mat.shape[1]
         graph_inputs = [t for t in inputs if isinstance(t, _T)]
         if not graph_inputs:
             raise _Unsupported("no input-dependent operand")
@@ -386,10 +318,8 @@ class AtenTranslator:
             base_t = graph_inputs[0]
         else:
             base_t = self._add(_concat_op(), graph_inputs, _source_name(node) + "_cat", (total,))
-        if np.all(m) and n_out == total and np.array_equal(src, np.arange(total)) and not np.any(const):
+        if is_identity_selection(mat, const):
             return _T(base_t.node, out_shape)
-        rows = np.flatnonzero(m)
-        mat = sp.csr_matrix((np.ones(rows.size), (rows, src[rows])), shape=(n_out, total))
         return self._linear(base_t, mat, const, node, out_shape, kind="gather")
 
     def _movement(self, node, a):
@@ -543,12 +473,7 @@ class AtenTranslator:
         w = np.ones(c) if weight is None else self._const(weight, "the BatchNorm weight")
         b = np.zeros(c) if bias is None else self._const(bias, "the BatchNorm bias")
         mu, v = self._const(mean, "the running mean"), self._const(var, "the running variance")
-        denom = np.sqrt(v + float(eps))
-        scale = w / denom
-        shift = b - mu * scale
-        # Three correctly rounded operations (add, sqrt, divide): relative error below 3u (1+u)^3; 4u is safe.
-        scale_err = 4 * _U * np.abs(scale) + np.finfo(float).tiny
-        shift_err = np.abs(mu) * scale_err + 2 * _U * (np.abs(b) + np.abs(mu * scale)) + np.finfo(float).tiny
+        scale, shift, scale_err, shift_err = batchnorm_affine(w, b, mu, v, eps)
         spatial = _size(x.shape[1:])
         diag = np.repeat(scale, spatial)
         n = x.size
@@ -560,29 +485,7 @@ class AtenTranslator:
     def _linear_from_torch(self, x: _T, fn, node, kind: str) -> _T:
         """A linear function with reciprocal-integer coefficients (average pooling, means), its matrix found by
         evaluating ``fn`` on basis vectors in float64; ``1/d`` entries get their rounding bound."""
-        n = x.size
-        cols, rows, vals = [], [], []
-        out_shape = None
-        step = max(1, (1 << 22) // max(n, 1))
-        with torch.no_grad():
-            for start in range(0, n, step):
-                k = min(step, n - start)
-                basis = torch.zeros(k, n, dtype=torch.float64)
-                basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
-                out = fn(basis.reshape(k, *x.shape))
-                out_shape = tuple(int(s) for s in out.shape[1:])
-                out = out.reshape(k, -1)
-                j, i = torch.nonzero(out, as_tuple=True)
-                rows.append(i.numpy())
-                cols.append((j + start).numpy())
-                vals.append(out[j, i].numpy())
-        rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-        err, ok = _reciprocal_err(vals)
-        if not ok:
-            raise _Unsupported(f"{kind} with coefficients that are not reciprocals of integers")
-        n_out = _size(out_shape)
-        mat = sp.csr_matrix((vals, (rows, cols)), shape=(n_out, n))
-        err_mat = sp.csr_matrix((err, (rows, cols)), shape=(n_out, n)) if np.any(err) else None
+        mat, err_mat, out_shape = linear_map_of(fn, x.shape, kind)
         return self._linear(x, mat, None, node, out_shape, err=err_mat, kind=kind)
 
     def _reduction(self, node, a, kind: str):
@@ -907,10 +810,6 @@ class AtenTranslator:
         return back
 
 
-class _Unsupported(Exception):
-    pass
-
-
 class _Downstream(Exception):
     """Depends on a value that could not be represented (already reported)."""
 
@@ -956,35 +855,3 @@ def _call_schema(target, kw: dict):
         else:
             args.append(kw[arg.name])
     return target(*args, **kwargs)
-
-
-def _expand(v, n: int) -> tuple[int, ...]:
-    v = [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-    return tuple(v * n) if len(v) == 1 else tuple(v)
-
-
-def _pool_windows(in_shape, out_shape, k, stride, pad, dil) -> np.ndarray:
-    """Flat input indices of each max-pooling window (rows: flat outputs); windows clipped at the border are
-    filled up by repeating one of their entries (a repeated entry does not change a maximum)."""
-    channels = in_shape[0]
-    spatial_in, spatial_out = in_shape[1:], out_shape[1:]
-    nd = len(spatial_in)
-    grids = np.meshgrid(*[np.arange(s) for s in spatial_out], indexing="ij")
-    offs = np.meshgrid(*[np.arange(kk) for kk in k], indexing="ij")
-    pos = []
-    valid = np.ones((int(np.prod(spatial_out)), int(np.prod(k))), dtype=bool)
-    for i in range(nd):
-        p = grids[i].reshape(-1, 1) * stride[i] - pad[i] + offs[i].reshape(1, -1) * dil[i]
-        valid &= (p >= 0) & (p < spatial_in[i])
-        pos.append(np.clip(p, 0, spatial_in[i] - 1))
-    if not np.all(valid.any(axis=1)):
-        raise _Unsupported("a max-pooling window lies entirely in the padding")
-    flat = np.zeros_like(pos[0])
-    for i in range(nd):
-        flat = flat * spatial_in[i] + pos[i]
-    first_valid = np.argmax(valid, axis=1)
-    fill = flat[np.arange(flat.shape[0]), first_valid]
-    flat = np.where(valid, flat, fill[:, None])
-    per_channel = int(np.prod(spatial_in))
-    rows = [flat + c * per_channel for c in range(channels)]
-    return np.concatenate(rows, axis=0)

@@ -142,7 +142,8 @@ def load(path: str | Path, activation: str = "relu", architecture: str = "feedfo
     architecture : {"feedforward", "residual"}
         Layout of weight-only files (``"residual"``: the QC paper's ``resweights_*`` files).
     input_shape : tuple of int, optional
-        Input shape for a whole pickled module (``trust_code=True``) whose input size cannot be inferred.
+        Input shape for a whole pickled module (``trust_code=True``) whose input size cannot be inferred, or for an
+        ONNX model whose input has symbolic dimensions besides the batch.
     trust_code : bool
         Allow unpickling whole modules from ``.pt`` files (runs code from the file).
     **activation_params
@@ -184,7 +185,7 @@ def load(path: str | Path, activation: str = "relu", architecture: str = "feedfo
     if suffix == ".onnx":
         from lipbound.importers.onnx import from_onnx
 
-        return from_onnx(path)
+        return from_onnx(path, input_shape=input_shape)
     if suffix in (".ts", ".torchscript", ".jit"):
         from lipbound.importers.torch_module import _TORCHSCRIPT_HINT
 
