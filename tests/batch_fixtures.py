@@ -73,7 +73,8 @@ def fake_task(payload: dict) -> dict:
     if payload["id"].startswith("die"):
         os._exit(3)
     time.sleep(payload.get("sleep", 0.05))
-    return {"job_id": payload["id"], "status": "ok", "job": payload.get("job"), "worker": f"pid:{os.getpid()}"}
+    return {"job_id": payload["id"], "status": "ok", "job": payload.get("job"), "worker": f"pid:{os.getpid()}",
+            "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def fake_payloads(n: int, dying: tuple[int, ...] = (), sleep: float = 0.05) -> list[dict]:

@@ -205,3 +205,20 @@ def test_engine_choice_and_gpu_requests():
         make_engine("local", address="auto")
     with pytest.raises(BatchError, match="unknown engine 'dask'"):
         make_engine("dask")
+
+
+def test_local_engine_gives_each_worker_process_its_own_gpu():
+    engine = LocalEngine(workers=3, max_retries=0, task=fake_task, warm_up=None, gpus=[4, 7])
+    got = []
+    engine.start()
+    try:
+        engine.run(fake_payloads(12, sleep=0.02), got.append)
+    finally:
+        engine.close()
+    by_process = {}
+    for record in got:
+        by_process.setdefault(record["worker"], set()).add(record["visible_gpus"])
+    assert len(got) == 12 and all(len(gpus) == 1 for gpus in by_process.values())
+    seen = sorted(g for gpus in by_process.values() for g in gpus)
+    assert set(seen) <= {"4", "7"} and (len(seen) < 3 or seen == ["4", "4", "7"])  # GPU ids dealt round robin
+    assert LocalEngine(gpus=[0, 1]).workers == 2  # one process per GPU by default

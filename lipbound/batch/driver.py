@@ -68,7 +68,8 @@ def run(manifest: Manifest | str | Path | dict, out: str | Path, engine: str = "
         at ``address`` (``"auto"`` or ``"HOST:PORT"``), or on a private loopback-only instance when ``address``
         is ``None``.
     workers : int, optional
-        Jobs at once (default: CPU cores; Ray: the cluster's CPUs or GPUs per job).
+        Jobs at once (default: CPU cores, or one per GPU for a CUDA batch on the local engine, each worker process
+        seeing its own GPU; Ray: the cluster's CPUs or GPUs per job).
     gpus_per_job : float, optional
         Ray: GPUs reserved per job (default 1 when the manifest's ``device`` is CUDA, else 0).
     max_retries : int
@@ -106,7 +107,12 @@ def run(manifest: Manifest | str | Path | dict, out: str | Path, engine: str = "
     writer, done = open_results(out, resume, job_ids, fsync)
     todo = len(job_ids - done)
     if engine == "local" and todo:
-        workers = min(workers or os.cpu_count() or 1, todo)  # no idle processes for a short batch
+        default = os.cpu_count() or 1
+        if manifest.device is not None and manifest.device.startswith("cuda"):
+            import torch
+
+            default = max(1, torch.cuda.device_count())  # one worker process per GPU
+        workers = min(workers or default, todo)  # no idle processes for a short batch
     runner = make_engine(engine, workers, address, gpus_per_job, manifest.device, max_retries, cpus_per_job,
                          ray_init_options)
     counts = {"ok": 0, "failed": 0, "uncertified": 0}

@@ -29,13 +29,24 @@ OnRecord = Callable[[dict], None]
 WORKER_DIED = "WorkerDied"
 
 
+def _start_on_gpu(threads: int, gpus, warm) -> None:
+    """Pool initializer: take one GPU id from the queue ``gpus`` and make it this process's only visible GPU (before
+    torch touches CUDA), then warm up."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
+    if warm is not None:
+        warm(threads)
+
+
 class LocalEngine:
     """A pool of ``workers`` spawned processes on this machine, each using ``cores // workers`` threads.
 
     Parameters
     ----------
     workers : int, optional
-        Processes (default: the number of CPU cores).
+        Processes (default: the number of CPU cores; with ``gpus``, one per GPU).
+    gpus : sequence of int, optional
+        GPU ids to spread the processes over (process ``i`` sees only GPU ``gpus[i % len(gpus)]`` as its
+        ``cuda`` device). For ``device: cuda`` batches on one multi-GPU machine, without Ray.
     max_retries : int
         Re-runs of a job whose process died (killed, out of memory, crashed) before it is recorded as failed.
     task : callable
@@ -48,9 +59,10 @@ class LocalEngine:
     name = "local"
 
     def __init__(self, workers: int | None = None, max_retries: int = 3, task: Callable[[dict], dict] = execute_job,
-                 warm_up: Callable[[int], object] | None = warm_up):
+                 warm_up: Callable[[int], object] | None = warm_up, gpus=None):
         cores = os.cpu_count() or 1
-        self.workers = max(1, int(workers or cores))
+        self.gpus = None if not gpus else [int(g) for g in gpus]
+        self.workers = max(1, int(workers or (len(self.gpus) if self.gpus else cores)))
         self.threads = max(1, cores // self.workers)
         self.max_retries = int(max_retries)
         self.task = task
@@ -61,7 +73,14 @@ class LocalEngine:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+        context = multiprocessing.get_context("spawn")
+        if self.gpus:
+            queue = context.Queue()
+            for i in range(self.workers):
+                queue.put(self.gpus[i % len(self.gpus)])
+            return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_on_gpu,
+                                       initargs=(self.threads, queue, self.warm_up))
+        return ProcessPoolExecutor(self.workers, mp_context=context,
                                    initializer=self.warm_up, initargs=(self.threads,) if self.warm_up else ())
 
     def start(self) -> None:
@@ -339,9 +358,18 @@ def make_engine(engine: str, workers: int | None = None, address: str | None = N
         if address is not None:
             raise BatchError("--address applies to --engine ray only.")
         if gpus_per_job:
-            log.warning("batch: --gpus-per-job applies to the Ray engine; local workers share this machine's "
-                        "default GPU")
-        return LocalEngine(workers, max_retries)
+            log.warning("batch: --gpus-per-job applies to the Ray engine; the local engine gives each worker process "
+                        "one of this machine's GPUs")
+        gpus = None
+        if device is not None and device.startswith("cuda"):
+            import torch
+
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise BatchError("the batch asks for device cuda but this machine has no CUDA GPU.")
+            gpus = list(range(count))
+            log.info("batch: local engine on %d GPU(s), one per worker process", count)
+        return LocalEngine(workers, max_retries, gpus=gpus)
     if engine == "ray":
         if gpus_per_job is None:
             gpus_per_job = 1.0 if device is not None and device.startswith("cuda") else 0.0
