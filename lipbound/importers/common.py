@@ -158,11 +158,10 @@ def is_identity_selection(matrix: sp.csr_matrix, const: np.ndarray) -> bool:
                                                                                     np.arange(total + 1)))
 
 
-def linear_map_of(fn: Callable, in_shape: tuple[int, ...], kind: str
-                  ) -> tuple[sp.csr_matrix, sp.csr_matrix | None, tuple[int, ...]]:
-    """The matrix of a linear function with integer or reciprocal-integer coefficients (average pooling, means),
-    found by evaluating ``fn`` (torch, batched, float64) on basis vectors; ``1/d`` entries get their rounding
-    bound. Returns ``(matrix, err or None, out_shape)``."""
+def basis_matrix(fn: Callable, in_shape: tuple[int, ...]) -> tuple[sp.csr_matrix, tuple[int, ...]]:
+    """The matrix of the linear function ``fn`` (torch, batched, float64), found by evaluating it on the basis
+    vectors in chunks; returns ``(matrix, out_shape)``. Entries are what ``fn`` computes for one-hot inputs: exact
+    where each output is a single coefficient times one input."""
     n = size_of(in_shape)
     cols, rows, vals = [], [], []
     out_shape = None
@@ -173,19 +172,28 @@ def linear_map_of(fn: Callable, in_shape: tuple[int, ...], kind: str
             basis = torch.zeros(k, n, dtype=torch.float64)
             basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
             out = fn(basis.reshape(k, *in_shape))
+            if out.dim() == 0 or out.shape[0] != k:
+                raise Unrepresentable("the operation mixes the samples of the batch")
             out_shape = tuple(int(s) for s in out.shape[1:])
             out = out.reshape(k, -1)
             j, i = torch.nonzero(out, as_tuple=True)
             rows.append(i.numpy())
             cols.append((j + start).numpy())
             vals.append(out[j, i].numpy())
-    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-    err, ok = reciprocal_err(vals)
+    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                           shape=(size_of(out_shape), n))
+    return matrix, out_shape
+
+
+def linear_map_of(fn: Callable, in_shape: tuple[int, ...], kind: str
+                  ) -> tuple[sp.csr_matrix, sp.csr_matrix | None, tuple[int, ...]]:
+    """The matrix of a linear function with integer or reciprocal-integer coefficients (average pooling, means)
+    (:func:`basis_matrix`); ``1/d`` entries get their rounding bound. Returns ``(matrix, err or None, out_shape)``."""
+    mat, out_shape = basis_matrix(fn, in_shape)
+    err, ok = reciprocal_err(mat.data)
     if not ok:
         raise Unrepresentable(f"{kind} with coefficients that are not reciprocals of integers")
-    n_out = size_of(out_shape)
-    mat = sp.csr_matrix((vals, (rows, cols)), shape=(n_out, n))
-    err_mat = sp.csr_matrix((err, (rows, cols)), shape=(n_out, n)) if np.any(err) else None
+    err_mat = sp.csr_matrix((err, mat.indices.copy(), mat.indptr.copy()), shape=mat.shape) if np.any(err) else None
     return mat, err_mat, out_shape
 
 

@@ -16,6 +16,7 @@ from lipbound.importers.common import (
     NodeValue,
     U,
     Unrepresentable,
+    basis_matrix,
     batchnorm_affine,
     linear_map_of,
     reciprocal_err,
@@ -105,24 +106,7 @@ class LinearOps:
 
     def _evaluated_linear(self, x: NodeValue, fn, label: str, kind: str) -> NodeValue:
         """A linear map whose matrix entries are single constants (products with one-hot vectors are exact)."""
-        n = x.size
-        cols, rows, vals, out_shape = [], [], [], None
-        step = max(1, (1 << 22) // max(n, 1))
-        for start in range(0, n, step):
-            k = min(step, n - start)
-            basis = torch.zeros(k, n, dtype=torch.float64)
-            basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
-            out = fn(basis.reshape(k, *x.shape))
-            if out.dim() == 0 or out.shape[0] != k:
-                raise Unrepresentable("the operation mixes the samples of the batch")
-            out_shape = tuple(int(s) for s in out.shape[1:])
-            out = out.reshape(k, -1)
-            j, i = torch.nonzero(out, as_tuple=True)
-            rows.append(i.numpy())
-            cols.append((j + start).numpy())
-            vals.append(out[j, i].numpy())
-        mat = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                            shape=(size_of(out_shape), n))
+        mat, out_shape = basis_matrix(fn, x.shape)
         return self._linear(x, mat, None, label, out_shape, kind=kind)
 
     def _op_Conv(self, label, args, attrs, node):
