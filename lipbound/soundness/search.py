@@ -117,8 +117,9 @@ def candidate_pairs(network, rng: np.random.Generator, norm: str = "l2", output_
     >>> import numpy as np, lipbound
     >>> net = lipbound.from_weights([np.array([[3.0, 4.0]])])
     >>> pairs = candidate_pairs(net, np.random.default_rng(0))
-    >>> x, x2 = pairs[0]
-    >>> round(abs(net.forward(torch.tensor([x2 - x]))[0, 0].item()) / np.linalg.norm(x2 - x), 9)
+    >>> x, x2 = pairs[0]                      # along the top singular vector (3, 4) / 5
+    >>> f = lambda v: net.forward(torch.tensor(v[None]))[0, 0].item()
+    >>> round(abs(f(x2) - f(x)) / float(np.linalg.norm(x2 - x)), 6)
     5.0
     """
     forward, dim = network.forward, network.input_dim
