@@ -8,6 +8,7 @@ serves every network family, graph networks included.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -80,18 +81,54 @@ def _jacobians(forward: Callable, x: torch.Tensor, rows: list[int]) -> torch.Ten
     return torch.stack(out, dim=1).detach()
 
 
+def _sanitized(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(J / scale, scale, finite)``: Jacobians with a non-finite entry (an overflowed forward pass) zeroed and
+    flagged; those with entries outside ``[2^-500, 2^500]`` scaled by their largest entry, so that the SVD neither
+    over- nor underflows (networks with weights of 1e+-300); the others unchanged (``scale = 1``)."""
+    finite = torch.isfinite(jac).flatten(1).all(dim=1)
+    jac = torch.where(finite[:, None, None], jac, torch.zeros_like(jac))
+    top = jac.abs().flatten(1).amax(dim=1)
+    scale = torch.where((top > 2.0**500) | ((top < 2.0**-500) & (top > 0)), top, torch.ones_like(top))
+    return jac / scale[:, None, None], scale, finite
+
+
 def _score(jac: torch.Tensor, norm: str) -> torch.Tensor:
-    """``||J||_2`` (l2) or ``||J_i||_1`` (l-infinity, one row); non-finite values score -inf."""
-    s = torch.linalg.matrix_norm(jac, ord=2) if norm == "l2" else jac[:, 0].abs().sum(dim=1)
-    return torch.where(torch.isfinite(s), s, torch.full_like(s, -torch.inf))
+    """``||J||_2`` (l2) or ``||J_i||_1`` (l-infinity, one row); non-finite Jacobians score -inf."""
+    jac, scale, finite = _sanitized(jac)
+    if norm == "l2":
+        try:
+            s = torch.linalg.matrix_norm(jac, ord=2)
+        except torch.linalg.LinAlgError:  # LAPACK did not converge on some matrix: take them one by one
+            s = torch.tensor([_norm_or_nan(m) for m in jac.numpy()], dtype=jac.dtype)
+    else:
+        s = jac[:, 0].abs().sum(dim=1)
+    s = s * scale
+    return torch.where(finite & torch.isfinite(s), s, torch.full_like(s, -torch.inf))
+
+
+def _norm_or_nan(m: np.ndarray) -> float:
+    try:
+        return float(np.linalg.norm(m, 2))
+    except np.linalg.LinAlgError:
+        return math.nan
 
 
 def _directions(jac: torch.Tensor, norm: str) -> torch.Tensor:
-    """The input direction of steepest growth: top right singular vector (l2), ``sign(J_i)`` (l-infinity)."""
-    if norm == "l2":
-        jac = torch.nan_to_num(jac, nan=0.0, posinf=0.0, neginf=0.0)
+    """The input direction of steepest growth: top right singular vector (l2), ``sign(J_i)`` (l-infinity); zero
+    for a non-finite Jacobian (its pairs are then dropped)."""
+    jac, _, _ = _sanitized(jac)
+    if norm == "linf":
+        return torch.sign(jac[:, 0])
+    try:
         return torch.linalg.svd(jac, full_matrices=False).Vh[:, 0]
-    return torch.sign(torch.nan_to_num(jac[:, 0]))
+    except torch.linalg.LinAlgError:  # LAPACK did not converge on some matrix: take them one by one
+        out = torch.zeros(jac.shape[0], jac.shape[2], dtype=jac.dtype)
+        for k, m in enumerate(jac.numpy()):
+            try:
+                out[k] = torch.from_numpy(np.linalg.svd(m)[2][0])
+            except np.linalg.LinAlgError:
+                pass
+        return out
 
 
 def candidate_pairs(network, rng: np.random.Generator, norm: str = "l2", output_index: int | None = None,
@@ -146,7 +183,8 @@ def candidate_pairs(network, rng: np.random.Generator, norm: str = "l2", output_
         pairs += [(a.numpy(), b.numpy()) for a, b in zip(lo, hi, strict=True)]
     far = _sample(rng, 2 * keep, dim, domain)
     pairs += [(a.numpy(), b.numpy()) for a, b in zip(far[:keep], far[keep:], strict=True)]
-    return [(a, b) for a, b in pairs if not np.array_equal(a, b) and inside(domain, a) and inside(domain, b)]
+    return [(a, b) for a, b in pairs if np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and not np.array_equal(a, b)
+            and inside(domain, a) and inside(domain, b)]
 
 
 def _domain_width(domain) -> float:
