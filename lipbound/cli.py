@@ -298,6 +298,8 @@ def _bench_names() -> set[str]:
 def cmd_bench(args) -> int:
     from lipbound.bench import run_suite
 
+    if args.suite == "soundness":
+        return _run_soundness(args)
     if args.solvers:
         unknown = sorted(set(args.solvers) - _bench_names())
         if unknown:
@@ -348,6 +350,40 @@ def cmd_batch(args) -> int:
         print(f"check: {len(problems)} violation(s)" if problems else f"check: all {result.total} jobs pass")
         return 1 if problems else 0
     return 2 if problems else 0
+
+
+def _run_soundness(args) -> int:
+    """``lipbound bench soundness``: exit 0 when no violation and no crash was found, 3 otherwise."""
+    import time
+
+    from lipbound.soundness import DEFAULT_TRIALS, format_table, run_campaign
+
+    families = args.families.split(",") if args.families else None
+    trials = DEFAULT_TRIALS if args.trials is None else args.trials
+    done: dict[str, int] = {}
+    start = time.perf_counter()
+
+    def progress(record: dict) -> None:
+        name = record["family"]
+        done[name] = done.get(name, 0) + 1
+        bad = [r["status"] for r in record["runs"] if r["status"] in ("violation", "crash")]
+        if bad or "eval_error" in record or "attack_error" in record:
+            print(f"{name} seed {record['seed']}: {', '.join(bad) or 'judge error'} ({record['variant']})")
+        if done[name] == trials or done[name] % max(1, trials // 10) == 0:
+            print(f"{name}: {done[name]}/{trials} trials, {time.perf_counter() - start:.0f} s", flush=True)
+
+    logger = logging.getLogger("lipbound")
+    level = logger.level
+    if not args.verbose:  # uncertified runs are counted in the table, not logged one by one
+        logger.setLevel(logging.ERROR)
+    try:
+        result = run_campaign(args.out, trials, args.seed, families, args.workers, args.timeout, progress)
+    finally:
+        logger.setLevel(level)
+    print(format_table(result["summary"]))
+    print(f"wrote {Path(args.out) / 'soundness.json'}")
+    failed = sum(f["violation"] + f["crash"] + f["eval_errors"] for f in result["summary"].values())
+    return 3 if failed else 0
 
 
 def _region_args(p) -> None:
@@ -418,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[verbose],
                        help="run methods/solvers side by side on a suite; writes JSON and a plot")
-    b.add_argument("suite", choices=["random", "deep", "qc"])
+    b.add_argument("suite", choices=["random", "deep", "qc", "soundness"],
+                   help="soundness: random networks of every family, certified bounds against lower bounds "
+                   "(exit 3 on a violation or crash)")
     b.add_argument("--out", default="bench_out")
     b.add_argument("--sizes", type=_positive_ints, default=None,
                    help="comma-separated widths (random: n of 784-n-n-10)")
@@ -428,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "run (e.g. 784-500-200-50-10; default: all)")
     b.add_argument("--timeout", type=_positive, default=600.0, help="seconds per run (each in its own process)")
     b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
+    b.add_argument("--trials", type=int, default=None, help="soundness: trials per family (default 2; the full "
+                   "campaign: 1000)")
+    b.add_argument("--seed", type=int, default=0, help="soundness: campaign seed")
+    b.add_argument("--families", default=None, help="soundness: comma-separated families (default: all)")
+    b.add_argument("--workers", type=int, default=1, help="soundness: processes running trials side by side")
     b.set_defaults(func=cmd_bench)
 
     bt = sub.add_parser("batch", parents=[verbose],
