@@ -294,7 +294,8 @@ def _residual(rng: np.random.Generator) -> Case:
     return Case(net, runs_for(net, rng), kind, params={"kind": kind, "dims": list(net.dims)})
 
 
-_IMPLICIT_KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "gelu_tanh", "silu", "mish", "maxmin")
+_IMPLICIT_KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "gelu_tanh", "silu", "mish",
+                   "maxmin")
 
 
 def _implicit(rng: np.random.Generator) -> Case:
