@@ -166,14 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=cmd_bounds)
 
     b = sub.add_parser("bench", help="run methods/solvers side by side on a suite; writes JSON and a plot")
-    b.add_argument("suite", choices=["random", "deep", "qc"])
+    b.add_argument("suite", choices=["random", "deep", "qc", "glipsdp-mlp", "threads"],
+                   help="glipsdp-mlp: GLipSDP's MLP table shapes (published MOSEK/GLipSDP times in the JSON); "
+                        "threads: the data for the native solver's thread policy (threads.json)")
     b.add_argument("--out", default="bench_out")
-    b.add_argument("--sizes", default=None, help="comma-separated widths (random: n of 784-n-n-10)")
+    b.add_argument("--sizes", default=None, help="comma-separated widths (random: n of 784-n-n-10; glipsdp-mlp: "
+                   "widths or numbers of weight matrices)")
     b.add_argument("--solvers", default=None, help="comma-separated solvers/methods to run (default: all)")
     b.add_argument("--networks", default=None, help="comma-separated network labels of the suite to run "
                    "(e.g. 784-500-200-50-10; default: all)")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per run (each in its own process)")
-    b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
+    b.add_argument("--device", default=None, help="device for the native solvers (cpu, cuda)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train a small MLP on sklearn digits (no download) and certify it")
