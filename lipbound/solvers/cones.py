@@ -256,15 +256,33 @@ class SemidefiniteCone:
         f.completion = out
         return out
 
-    def solve_dual(self, f: DualFactor, rhs: torch.Tensor) -> torch.Tensor:
-        """``Z^-1 R`` for a dense ``R`` on the padded grid, by block forward and back substitution (``O(N^2 b)``)."""
+    def half_dual(self, f: DualFactor, rhs: torch.Tensor) -> torch.Tensor:
+        """``L^-1 R`` (``Z = L L^T``) for a dense ``R`` with ``nb b`` rows, by block forward substitution."""
         nb = self.nb
         r = rhs.reshape(nb, self.b, -1)
         w = torch.empty_like(r)
         for s in range(nb):
             rs = r[s] if s == 0 else r[s] - f.lw[s - 1].T @ w[s - 1]
             w[s] = torch.linalg.solve_triangular(f.ld[s], rs, upper=False)
-        v = torch.empty_like(r)
+        return w.reshape(rhs.shape)
+
+    def half_primal(self, f: PrimalFactor, rhs: torch.Tensor) -> torch.Tensor:
+        """``R^T D`` where ``X^ = R R^T``: ``L_X^T D`` (dense layout), ``chol(Delta)^T T^-T D`` (chordal, see
+        :meth:`_markov`), for a dense ``D`` with ``nb b`` rows."""
+        nb, b = self.nb, self.b
+        if nb == 1:
+            return f.cliques[0].T @ rhs
+        psi, delta = self._markov(f)
+        w = rhs.reshape(nb, b, -1).clone()
+        for s in range(nb - 1):
+            w[s + 1] += psi[s].T @ w[s]
+        return torch.bmm(delta.transpose(1, 2), w).reshape(rhs.shape)
+
+    def solve_dual(self, f: DualFactor, rhs: torch.Tensor) -> torch.Tensor:
+        """``Z^-1 R`` for a dense ``R`` on the padded grid, by block forward and back substitution (``O(N^2 b)``)."""
+        nb = self.nb
+        w = self.half_dual(f, rhs).reshape(nb, self.b, -1)
+        v = torch.empty_like(w)
         for s in range(nb - 1, -1, -1):
             ws = w[s] if s == nb - 1 else w[s] - f.lw[s] @ v[s + 1]
             v[s] = torch.linalg.solve_triangular(f.ld[s].T, ws, upper=True)
@@ -304,17 +322,12 @@ class SemidefiniteCone:
         sparse solves instead of dense products: ``Q Q = dZ (Z^-1 Q)`` and ``Q^T X^ Q = V^T V`` with
         ``V = chol(Delta)^T T^-T Q`` (:meth:`_markov`). ``O(N^2 b)``.
         """
-        nb, b, n = self.nb, self.b, self.n_pad
-        if nb == 1:
+        if self.nb == 1:
             t = dx[0] @ q
             return ((t + t.T) * 0.5).unsqueeze(0)
         qq = self.times_dense(dz, self.solve_dual(zf, q))
         t2 = self.sym_product_band(xhat, qq)
-        psi, delta = self._markov(xf)
-        w = q.reshape(nb, b, n).clone()
-        for s in range(nb - 1):
-            w[s + 1] += psi[s].T @ w[s]
-        v = torch.bmm(delta.transpose(1, 2), w).reshape(n, n)
+        v = self.half_primal(xf, q)
         t3 = self.sym_product_band(v.T.contiguous(), v)
         out = -p - 0.5 * t2 - 0.5 * t3
         return out if self.mask is None else out * self.mask

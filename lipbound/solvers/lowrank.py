@@ -367,7 +367,9 @@ class LowRankLMI:
         return _mm(self.coef_t, val.reshape(-1, 1)).reshape(-1)
 
     def gram(self, dense: torch.Tensor) -> torch.Tensor:
-        """``U^T Y U`` over the stacked active columns, for a dense symmetric ``Y`` on the padded grid."""
+        """``U^T Y U`` over the stacked active columns, for a dense symmetric ``Y`` on the padded grid, in ``Y``'s
+        precision. Symmetric up to rounding (not symmetrised: that would need a second copy of the largest matrix
+        of the iteration; the Schur matrix built from it is symmetrised instead)."""
         n, m = dense.shape[0], self.m
         v = torch.empty(n, m, dtype=dense.dtype, device=self.device)
         for g in self.active_groups:
@@ -377,10 +379,11 @@ class LowRankLMI:
         for g in self.active_groups:
             rows = v[g.offset:g.offset + g.size]
             out[g.start:g.start + g.width] = rows if g.factor is None else g.factor.to(dense.dtype).T @ rows
-        return (out + out.T) * 0.5
+        return out
 
     def _add_rows(self, h: torch.Tensor, k: torch.Tensor, q0: int, chunk_t: torch.Tensor | None) -> None:
-        """``h += C[q0:q0+r]^T k C`` for a row block ``k`` of a pair-by-pair matrix."""
+        """``h += C[q0:q0+r]^T k C`` for a row block ``k`` of a pair-by-pair matrix (any precision; ``h`` float64)."""
+        k = k.to(h.dtype)
         if self.single:
             t = torch.zeros(k.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
             t.index_add_(1, self.var, k * self.cval)
@@ -405,14 +408,16 @@ class LowRankLMI:
             self._add_rows(h, k, 0, self.chunks[0][2])
             return
         ca, cb = self.ca, self.cb
-        # Column gathers are shared by all row chunks.
-        ga_ca, ga_cb, gb_ca, gb_cb = ga[:, ca], ga[:, cb], gb[:, ca], gb[:, cb]
         h1 = torch.zeros_like(h)
+        # Row blocks of K from row gathers of G, then column gathers: temporaries stay of the chunk's size (the
+        # G matrices of a 16k-neuron net are 8 GiB each; gathering their columns up front would need four more).
         for q0, q1, chunk_t in self.chunks:
             a, c = ca[q0:q1], cb[q0:q1]
-            k1 = ga_ca[c] * gb_cb[a]
-            k2 = ga_ca[a] * gb_cb[c]
-            k2 += ga_cb[c] * gb_ca[a]
+            ga_a, ga_c, gb_a, gb_c = ga[a], ga[c], gb[a], gb[c]
+            k1 = ga_c[:, ca] * gb_a[:, cb]
+            k2 = ga_a[:, ca] * gb_c[:, cb]
+            k2 += ga_c[:, cb] * gb_a[:, ca]
+            del ga_a, ga_c, gb_a, gb_c
             self._add_rows(h1, k1, q0, chunk_t)
             self._add_rows(h, k2, q0, chunk_t)
         h += h1 + h1.T

@@ -31,8 +31,8 @@ Why this route:
 Stopping rule (relative to the optimum's magnitude, not to 1)
 -------------------------------------------------------------
 With ``p = <C, X>`` and ``d = b^T y`` (so ``-d`` is the program's objective at ``y`` and ``-p`` a lower bound
-when ``X`` is feasible), ``scale = max(|p|, |d|)`` and the residuals ``r_p = b - A(X) + E^T x``,
-``R_d = C - A^T(y) - Z``:
+when ``X`` is feasible), ``scale = |p| + |d|`` (about twice the optimum's magnitude) and the residuals
+``r_p = b - A(X) + E^T x``, ``R_d = C - A^T(y) - Z``:
 
 * ``gap = max(|p - d|, <X, Z>) / scale``;
 * ``primal_infeasibility = ||r_p|| / ||b||`` (relative to the data: ``X`` only certifies the lower bound);
@@ -279,8 +279,8 @@ class _Run:
         return float(torch.min(-v[neg] / dv[neg]))
 
     def _schur_factor(self, xhat: list[torch.Tensor], zinv: list[torch.Tensor], x_lp: torch.Tensor,
-                      s_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The (projected, Jacobi-scaled) HKM Schur matrix and its Cholesky factor."""
+                      s_lp: torch.Tensor) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """The (projected) HKM Schur matrix, the Cholesky factor of its Jacobi-scaled form, and the scaling."""
         h = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.dev)
         for cone, xh, zi in zip(self.cones, xhat, zinv, strict=True):
             lr = cone.lowrank
@@ -304,9 +304,20 @@ class _Run:
                 shift = 1e-14 if shift == 0.0 else shift * 100.0
         raise ArithmeticError("Schur matrix is not positive definite")
 
-    def _solve_schur(self, h: torch.Tensor, chol: torch.Tensor, scale: torch.Tensor,
-                     rhs: torch.Tensor) -> torch.Tensor:
+    def _schur_eigen(self, h: torch.Tensor, scale: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                        torch.Tensor]:
+        """Eigenvectors and inverted eigenvalues (0 below ``n eps`` of the largest) of the Jacobi-scaled Schur matrix:
+        a least-squares solver for :meth:`_solve_schur`."""
+        with self.policy.scope(h.shape[0]):
+            vals, vecs = torch.linalg.eigh(h * scale[:, None] * scale[None, :])
+        keep = vals > h.shape[0] * np.finfo(float).eps * float(vals.abs().max())
+        return (vecs, torch.where(keep, 1.0 / torch.where(keep, vals, 1.0), 0.0)), scale
+
+    def _solve_schur(self, h: torch.Tensor, chol, scale: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         def once(r):
+            if isinstance(chol, tuple):
+                vecs, inv = chol
+                return vecs @ (inv * (vecs.T @ (r * scale))) * scale
             return torch.cholesky_solve((r * scale).reshape(-1, 1), chol).reshape(-1) * scale
         if self.basis is not None:
             rhs = self.basis.T @ rhs
@@ -412,7 +423,7 @@ class _Run:
             dobj = float(self.b @ y)
             xz = sum(cone.inner(xm, zm) for cone, xm, zm in zip(cones, xs, zs, strict=True)) + float(x_lp @ s_lp)
             mu = xz / max(n_cone, 1)
-            scale = max(abs(pobj), abs(dobj), floor)
+            scale = max(abs(pobj) + abs(dobj), floor)
             gap = max(abs(pobj - dobj), xz) / scale
             pinf = float(torch.linalg.vector_norm(rp)) / sb
             if rd is None:
@@ -478,7 +489,46 @@ class _Run:
             with self.policy.scope(cone.n_pad if cone.nb == 1 else 0):
                 zinv.append(cone.inverse(zf))
                 xhat.append(cone.completion(x, xf))
-        h, h_chol, h_scale = self._schur_factor(xhat, zinv, x_lp, s_lp)
+        state = (xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone, zinv, xhat)
+        schur = self._schur_factor(xhat, zinv, x_lp, s_lp)
+        found = self._directions(schur, *state)
+        if found is None:
+            # Every direction lost its accuracy: near the optimum of a dual-degenerate program (the optimal
+            # multipliers are not unique) the Schur matrix is singular to working precision. Solve it in the
+            # least-squares sense on its numerically nonzero spectrum instead (an O(n^3) eigendecomposition,
+            # only at such iterations).
+            found = self._directions(schur[:1] + self._schur_eigen(schur[0], schur[2]), *state)
+        if found is None:
+            raise ArithmeticError("the search directions lost their accuracy (ill-conditioned Schur matrix)")
+        dy, dx, dz, dx_lp, ds, ap, ad = found
+        # The step estimates are checked by factorizing the new iterates (needed next time anyway).
+        new_x, new_xfs, ap = self._advance(lambda a: [m + a * d for m, d in zip(xs, dx, strict=True)],
+                                           [cone.factor_primal for cone in cones], ap)
+
+        def slack(a):
+            return [cm - self._assemble(cone, y + a * dy) for cone, cm in zip(cones, c_mats, strict=True)]
+        factor_dual = [cone.factor_dual for cone in cones]
+        if self.dual_feasible:
+            new_z, new_zfs, ad = self._advance(slack, factor_dual, ad)
+            new_s = (y + ad * dy)[self.nn]
+        else:
+            new_z, new_zfs, ad = self._advance(lambda a: [m + a * d for m, d in zip(zs, dz, strict=True)],
+                                               factor_dual, ad)
+            new_s = s_lp + ad * ds
+            if ad == 1.0:
+                # After a full dual step the residual is zero up to rounding: from now on keep Z = -M(y)
+                # exactly, so every later iterate (and the returned y) is strictly feasible in floating point.
+                exact = slack(1.0)
+                exact_f = [f(m) for f, m in zip(factor_dual, exact, strict=True)]
+                if all(f is not None for f in exact_f):
+                    new_z, new_zfs, new_s, self.dual_feasible = exact, exact_f, (y + dy)[self.nn], True
+        return (y + ad * dy, new_x, new_z, x_lp + ap * dx_lp, new_s, new_xfs, new_zfs, ap, ad)
+
+    def _directions(self, schur, xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone, zinv, xhat):
+        """Predictor and corrector with one Schur factorisation: ``(dy, dX, dZ, dx, ds, alpha_p, alpha_d)`` with the
+        step lengths already shortened, or ``None`` when no direction is accurate."""
+        cones = self.cones
+        h, h_chol, h_scale = schur
 
         def hkm(t: int, d: torch.Tensor):
             cone = cones[t]
@@ -491,6 +541,7 @@ class _Run:
             rd = [torch.zeros_like(zm) for zm in zs]
         else:
             adj_t = self._adjoint([hkm(t, r)[0] for t, r in enumerate(rd)], x_lp * rd_lp / s_lp)
+        rp_norm = float(torch.linalg.vector_norm(rp))
 
         def direction(rc_mats, rc_lp, refine):
             rhs = rp - self._adjoint(rc_mats, rc_lp) + adj_t
@@ -500,7 +551,6 @@ class _Run:
             prods = [hkm(t, d) for t, d in enumerate(dz)]
             dx = [rc - p for rc, (p, _) in zip(rc_mats, prods, strict=True)]
             dx_lp = rc_lp - x_lp * ds / s_lp
-            rp_norm = float(torch.linalg.vector_norm(rp))
             for it in range(refine + 1):
                 # Near the optimum the Schur matrix is ill-conditioned and A(dX) drifts from R_p, which
                 # would make primal infeasibility grow. Refine against the operator dX is built with.
@@ -558,33 +608,10 @@ class _Run:
                 break
         else:
             if not pred[-1]:
-                raise ArithmeticError("the search directions lost their accuracy (ill-conditioned Schur matrix)")
+                return None
             corr, (ap, ad) = pred, pred_steps
         dy, dx, dz, dx_lp, ds = corr[:5]
-        del pred, corr, second
-        ap, ad = min(1.0, gamma * ap), min(1.0, gamma * ad)
-        # The step estimates are checked by factorizing the new iterates (needed next time anyway).
-        new_x, new_xfs, ap = self._advance(lambda a: [m + a * d for m, d in zip(xs, dx, strict=True)],
-                                           [cone.factor_primal for cone in cones], ap)
-
-        def slack(a):
-            return [cm - self._assemble(cone, y + a * dy) for cone, cm in zip(cones, c_mats, strict=True)]
-        factor_dual = [cone.factor_dual for cone in cones]
-        if self.dual_feasible:
-            new_z, new_zfs, ad = self._advance(slack, factor_dual, ad)
-            new_s = (y + ad * dy)[self.nn]
-        else:
-            new_z, new_zfs, ad = self._advance(lambda a: [m + a * d for m, d in zip(zs, dz, strict=True)],
-                                               factor_dual, ad)
-            new_s = s_lp + ad * ds
-            if ad == 1.0:
-                # After a full dual step the residual is zero up to rounding: from now on keep Z = -M(y)
-                # exactly, so every later iterate (and the returned y) is strictly feasible in floating point.
-                exact = slack(1.0)
-                exact_f = [f(m) for f, m in zip(factor_dual, exact, strict=True)]
-                if all(f is not None for f in exact_f):
-                    new_z, new_zfs, new_s, self.dual_feasible = exact, exact_f, (y + dy)[self.nn], True
-        return (y + ad * dy, new_x, new_z, x_lp + ap * dx_lp, new_s, new_xfs, new_zfs, ap, ad)
+        return dy, dx, dz, dx_lp, ds, min(1.0, gamma * ap), min(1.0, gamma * ad)
 
     @staticmethod
     def _advance(make, factor, alpha: float):
