@@ -132,3 +132,30 @@ def test_lanczos_step_is_on_the_safe_side_for_large_cones():
     exact = -1.0 / float(torch.linalg.eigvalsh((t + t.T) / 2)[0])
     step = cone.max_step_dual(z, cone.factor_dual(z), d)
     assert 0.5 * exact <= step <= exact * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("case", ["neuron", "layer", "neuron-linf", "nsr-coupled", "rr", "implicit"])
+@pytest.mark.parametrize("layout_of", [dense_layout, chordal_layout])
+def test_schur_assembly_matches_its_definition(case, layout_of):
+    """``H_ij = tr(F_i A F_j B)`` from Gram matrices (slots and gathers) against dense F_i, for random A, B >= 0."""
+    from tests.conftest import formulation_problem
+
+    program = formulation_problem(case, 3).solve_program
+    rng = np.random.default_rng(4)
+    for lmi in program.lmis:
+        layout = layout_of(lmi)
+        lowrank = LowRankLMI(lmi, program.n_vars, torch.device("cpu"), layout)
+        n, real = lmi.size, layout.real_mask()
+        mats = []
+        for _ in range(2):
+            a = rng.standard_normal((n, n))
+            dense = torch.eye(layout.padded_size, dtype=torch.float64)
+            dense[np.ix_(real, real)] = torch.tensor(a @ a.T)
+            mats.append(dense)
+        h = torch.zeros(program.n_vars, program.n_vars, dtype=torch.float64)
+        lowrank.schur(lowrank.gram(mats[0]), lowrank.gram(mats[1]), h)
+        f, _ = lmi.vectorized(program.n_vars)
+        fs = [f[:, i].toarray().reshape(n, n, order="F") for i in range(program.n_vars)]
+        a, b = (m.numpy()[np.ix_(real, real)] for m in mats)
+        ref = np.array([[np.trace(fi @ a @ fj @ b) for fj in fs] for fi in fs])
+        np.testing.assert_allclose(h.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())

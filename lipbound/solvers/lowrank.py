@@ -32,6 +32,8 @@ _CHUNK_ELEMENTS = 1 << 21
 _FLAT_GATHER_ENTRIES = 1 << 18
 # Pair-to-multiplier maps with at most this many entries are stored dense.
 _DENSE_MAP_ENTRIES = 1 << 22
+# Multipliers with at most this many pairs are assembled slot by slot (see LowRankLMI._slots).
+_SLOT_PAIRS = 4
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,28 @@ def chordal_layout(lmi: LMI) -> Layout:
             offsets[j] = pos
             pos += sizes[j]
     return Layout(len(best), max(b, 1), tuple(offsets), tuple(sizes))
+
+
+@dataclass
+class _Slot:
+    """Pairs of distinct multipliers: left and right stacked columns and multipliers, each a contiguous run
+    ``(first, end)`` or an index tensor, and the pairs' coefficients."""
+
+    a: tuple[int, int] | torch.Tensor
+    b: tuple[int, int] | torch.Tensor
+    var: tuple[int, int] | torch.Tensor
+    cval: torch.Tensor
+    size: int
+
+
+def _take(g: torch.Tensor, rows, cols) -> torch.Tensor:
+    """``g[rows][:, cols]`` for runs (views) or index tensors (gathers)."""
+    g = g[rows[0]:rows[1]] if isinstance(rows, tuple) else g[rows]
+    return g[:, cols[0]:cols[1]] if isinstance(cols, tuple) else g[:, cols]
+
+
+def _rows(run, r0: int, r1: int):
+    return (run[0] + r0, run[0] + r1) if isinstance(run, tuple) else run[r0:r1]
 
 
 @dataclass
@@ -250,33 +274,79 @@ class LowRankLMI:
         self._flat_identity_pairs(ga, ia, gb, ib)
         # Pairs that carry multipliers, and the stacked columns U they use.
         act = np.flatnonzero(has_coef)
-        start = 0
-        for g in sorted(set(ga[act].tolist()) | set(gb[act].tolist())):
-            groups[g].start = start
-            start += groups[g].width
-        self.m = start
-        self.active_groups = [g for g in groups if g.start >= 0]
-        starts = np.array([g.start for g in groups])
-        self.ca = torch.tensor(starts[ga[act]] + ia[act], device=device)
-        self.cb = torch.tensor(starts[gb[act]] + ib[act], device=device)
         coef_act = coef[act].tocsr()
         n_act = act.size
         # Pairs of one multiplier each (LipSDP's neuron and layer multipliers): C^T K C is a segment sum over the
         # pairs' multipliers, O(pairs^2); otherwise sparse products with C.
         self.single = bool(np.all(np.diff(coef_act.indptr) == 1))
+        slots = self._slots(coef_act.indices, ga[act], ia[act], gb[act], ib[act]) if self.single else []
+        # Column order of U: each slot's left groups, then its right groups (so that slots read contiguous blocks of
+        # the Gram matrices), then every other active group.
+        order = []
+        for slot in slots:
+            for side in (ga[act][slot], gb[act][slot]):
+                order += [g for g in dict.fromkeys(side.tolist()) if g not in order]
+        order += [g for g in sorted(set(ga[act].tolist()) | set(gb[act].tolist())) if g not in order]
+        start = 0
+        for g in order:
+            groups[g].start = start
+            start += groups[g].width
+        self.m = start
+        self.active_groups = [g for g in groups if g.start >= 0]
+        starts = np.array([g.start for g in groups])
+        cols_a, cols_b = starts[ga[act]] + ia[act], starts[gb[act]] + ib[act]
+        self.ca = torch.tensor(cols_a, device=device)
+        self.cb = torch.tensor(cols_b, device=device)
         if self.single:
             self.var = torch.tensor(coef_act.indices, device=device)
             self.cval = torch.tensor(coef_act.data, dtype=torch.float64, device=device)
         else:
             self.coef_act_t = _operator(coef_act.T, device, dense)
+
+        def index(values: np.ndarray):
+            """A contiguous increasing run as ``(first, last + 1)``, else an index tensor."""
+            if values.size and np.all(np.diff(values) == 1):
+                return int(values[0]), int(values[-1]) + 1
+            return torch.tensor(values, device=device)
+
+        self.slots = [_Slot(index(cols_a[sl]), index(cols_b[sl]), index(coef_act.indices[sl]),
+                            torch.tensor(coef_act.data[sl], dtype=torch.float64, device=device), len(sl))
+                      for sl in slots]
+        slotted = np.zeros(n_act, dtype=bool)
+        for sl in slots:
+            slotted[sl] = True
+        self.rest = torch.tensor(np.flatnonzero(~slotted), device=device)
+        self.slotted = torch.tensor(np.flatnonzero(slotted), device=device)
         # Few pairs: flat indices of the four pair-by-pair gathers; otherwise row chunks of bounded size.
         self.flat = None
         rows = n_act if n_act * n_act <= _FLAT_GATHER_ENTRIES else max(1, _CHUNK_ELEMENTS // n_act)
         self.chunks = [(q0, min(q0 + rows, n_act), None if self.single else
                         _operator(coef_act[q0:q0 + rows].T, device, dense)) for q0 in range(0, n_act, rows)]
-        if n_act * n_act <= _FLAT_GATHER_ENTRIES:
+        if n_act * n_act <= _FLAT_GATHER_ENTRIES and not self.slots:
             a, c = self.ca, self.cb
             self.flat = tuple(u[:, None] * self.m + v[None, :] for u, v in ((c, a), (a, c), (a, a), (c, c)))
+
+    @staticmethod
+    def _slots(var: np.ndarray, ga, ia, gb, ib) -> list[np.ndarray]:
+        """Slots of the active pairs: among the multipliers with the most common number ``k <= _SLOT_PAIRS`` of
+        pairs (LipSDP-Neuron's neurons: ``(W^T e_i, e_i)`` and ``(e_i, e_i)`` for ReLU), slot ``j`` holds every such
+        multiplier's ``j``-th pair, ordered by multiplier. A slot's pairs use distinct multipliers, so its Schur
+        contributions are dense blocks of Hadamard products of Gram sub-blocks (no gathers when its columns are
+        contiguous). Other multipliers (``rho``, LipSDP-Layer's) are left to the general assembly."""
+        counts = np.bincount(var)
+        per_var = counts[counts > 0]
+        small = per_var[per_var <= _SLOT_PAIRS]
+        if small.size == 0:
+            return []
+        values, freq = np.unique(small, return_counts=True)
+        k = int(values[np.argmax(freq)])
+        if freq.max() < 2:
+            return []
+        order = np.lexsort((ib, gb, ia, ga, var))
+        first = np.concatenate([[0], np.cumsum(counts)])
+        rank = np.arange(var.size) - first[var[order]]
+        family = counts[var[order]] == k
+        return [order[family & (rank == j)] for j in range(k)]
 
     def _flat_identity_pairs(self, ga, ia, gb, ib) -> None:
         """Flat positions in a banded tensor of the pairs whose both columns are unit vectors (one gather)."""
@@ -395,9 +465,14 @@ class LowRankLMI:
         """Add ``tr(F_i A F_j B)`` to ``h`` from ``ga = U^T A U`` and ``gb = U^T B U``.
 
         For ``S_q = l r^T + r l^T``: ``tr(S_q A S_q' B) = A_ba' B_ab' + A_ab' B_ba' + A_aa' B_bb' + A_bb' B_aa'``
-        (``a, b`` the columns of pair ``q``, primes those of ``q'``). The first two are ``K1`` and its
-        transpose (``A``, ``B`` symmetric), so ``H = C^T K1 C + (C^T K1 C)^T + C^T K2 C``.
+        (``a, b`` the columns of pair ``q``, primes those of ``q'``). Slots (:meth:`_slots`) contribute dense
+        blocks of Hadamard products of Gram sub-blocks; the other pairs contribute through gathers, where the
+        first two terms are ``K1`` and its transpose (``A``, ``B`` symmetric): ``H = C^T K1 C + (C^T K1 C)^T +
+        C^T K2 C``.
         """
+        if self.slots:
+            self._schur_slots(ga, gb, h)
+            return
         if self.flat is not None:
             # Few pairs: gather the four pair-by-pair products directly (flat indices precomputed).
             iba, iab, iaa, ibb = self.flat
@@ -421,3 +496,53 @@ class LowRankLMI:
             self._add_rows(h1, k1, q0, chunk_t)
             self._add_rows(h, k2, q0, chunk_t)
         h += h1 + h1.T
+
+    def _schur_slots(self, ga: torch.Tensor, gb: torch.Tensor, h: torch.Tensor) -> None:
+        """Slot-by-slot Schur assembly (every pair has one multiplier): ``H = sum_{s,t} C_s^T K_st C_t`` over slots
+        ``s, t`` (blocks ``K_ts = K_st^T``), plus the rows and columns of the remaining pairs ``R``
+        (``C_R^T K_R,all C`` and the transpose of its slot part)."""
+        for s, sa in enumerate(self.slots):
+            for t in range(s, len(self.slots)):
+                tb = self.slots[t]
+                step = max(1, _CHUNK_ELEMENTS // max(tb.size, 1))
+                for r0 in range(0, sa.size, step):
+                    r1 = min(sa.size, r0 + step)
+                    ar, br = _rows(sa.a, r0, r1), _rows(sa.b, r0, r1)
+                    k = _take(ga, br, tb.a) * _take(gb, ar, tb.b)
+                    k += _take(ga, ar, tb.b) * _take(gb, br, tb.a)
+                    k += _take(ga, ar, tb.a) * _take(gb, br, tb.b)
+                    k += _take(ga, br, tb.b) * _take(gb, ar, tb.a)
+                    k = k.to(h.dtype) * sa.cval[r0:r1, None] * tb.cval[None, :]
+                    self._add_block(h, _rows(sa.var, r0, r1), tb.var, k)
+                    if t != s:
+                        self._add_block(h, tb.var, _rows(sa.var, r0, r1), k.T)
+        if not self.rest.numel():
+            return
+        ca, cb, n_act = self.ca, self.cb, self.ca.numel()
+        step = max(1, _CHUNK_ELEMENTS // n_act)
+        for r0 in range(0, self.rest.numel(), step):
+            rows = self.rest[r0:r0 + step]
+            a, c = ca[rows], cb[rows]
+            ga_a, ga_c, gb_a, gb_c = ga[a], ga[c], gb[a], gb[c]
+            k = ga_c[:, ca] * gb_a[:, cb]
+            k += ga_a[:, cb] * gb_c[:, ca]
+            k += ga_a[:, ca] * gb_c[:, cb]
+            k += ga_c[:, cb] * gb_a[:, ca]
+            del ga_a, ga_c, gb_a, gb_c
+            k = k.to(h.dtype) * self.cval[rows, None]
+            var = self.var[rows]
+            t_all = torch.zeros(rows.numel(), h.shape[1], dtype=h.dtype, device=h.device)
+            t_all.index_add_(1, self.var, k * self.cval)
+            h.index_add_(0, var, t_all)
+            t_slot = torch.zeros_like(t_all)
+            t_slot.index_add_(1, self.var[self.slotted], k[:, self.slotted] * self.cval[self.slotted])
+            h.index_add_(1, var, t_slot.T)
+
+    @staticmethod
+    def _add_block(h: torch.Tensor, rows, cols, k: torch.Tensor) -> None:
+        if isinstance(rows, tuple) and isinstance(cols, tuple):
+            h[rows[0]:rows[1], cols[0]:cols[1]] += k
+            return
+        r = torch.arange(rows[0], rows[1], device=h.device) if isinstance(rows, tuple) else rows
+        c = torch.arange(cols[0], cols[1], device=h.device) if isinstance(cols, tuple) else cols
+        h.index_put_((r[:, None], c[None, :]), k, accumulate=True)

@@ -285,8 +285,11 @@ class _Run:
         for cone, xh, zi in zip(self.cones, xhat, zinv, strict=True):
             lr = cone.lowrank
             if lr.m:
-                with self.policy.scope(max(lr.m, cone.n_pad)):
-                    lr.schur(lr.gram(xh), lr.gram(zi), h)
+                # The dense layout's Gram products are few large matrix products; the chordal layout's are many
+                # small ones, and the pair gathers are memory bound: those stay on one thread.
+                with self.policy.scope(cone.n_pad if cone.nb == 1 else 0):
+                    ga, gz = lr.gram(xh), lr.gram(zi)
+                lr.schur(ga, gz, h)
         h = _sym(h)
         h[self.nn, self.nn] += x_lp / s_lp
         if self.basis is not None:
