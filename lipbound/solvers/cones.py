@@ -392,10 +392,15 @@ class SemidefiniteCone:
                 break
             block = q[:, keep]
             basis = torch.cat([basis, block], dim=1)
-        a = basis.T @ self.matvec(dz, basis)
-        m = basis.T @ self.matvec(z, basis)
-        vals, vecs = scipy.linalg.eigh(((a + a.T) * 0.5).cpu().numpy(), ((m + m.T) * 0.5).cpu().numpy())
-        u = basis @ torch.tensor(vecs[:, 0], dtype=torch.float64, device=self.dev)
+        a = (basis.T @ self.matvec(dz, basis)).cpu().numpy()
+        m = (basis.T @ self.matvec(z, basis)).cpu().numpy()
+        # Z-orthonormalise the basis through the eigendecomposition of its Gram matrix, dropping directions that
+        # rounding leaves numerically dependent (Z is nearly singular close to the optimum).
+        mv, mvec = np.linalg.eigh((m + m.T) * 0.5)
+        keep = mv > 1e-12 * mv.max()
+        p = mvec[:, keep] / np.sqrt(mv[keep])
+        vals, vecs = np.linalg.eigh(p.T @ ((a + a.T) * 0.5) @ p)
+        u = basis @ torch.tensor(p @ vecs[:, 0], dtype=torch.float64, device=self.dev)
         res = self.matvec(dz, u) - float(vals[0]) * self.matvec(z, u)
         return float(vals[0]) - math.sqrt(max(float(res @ (zinv @ res)), 0.0))
 
