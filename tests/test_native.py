@@ -306,3 +306,14 @@ def test_certify_with_each_strategy_matches_clarabel(solver):
     assert ours.certified and ours.solver == solver and ours.status == "optimal"
     assert abs(ours.upper_bound - ref.upper_bound) <= 1e-6 * ref.upper_bound
     assert ours.solver_info["strategy"] == solver.split("-")[1]
+
+
+@pytest.mark.parametrize("strategy", ["dense", "chordal"])
+def test_float32_schur_products_reach_the_float64_optimum(strategy):
+    program = lipsdp(random_net([20, 12, 12, 12, 12, 3], seed=4)).solve_program
+    ref = NativeSolver(strategy).solve(program)
+    low = NativeSolver(strategy).solve(program, schur_precision="float32")
+    assert low.status == "optimal" and low.info["gap"] <= 1e-9
+    assert abs(program.objective @ low.y - program.objective @ ref.y) <= 1e-9 * abs(program.objective @ ref.y)
+    with pytest.raises(SolverError, match="schur_precision"):
+        NativeSolver().solve(program, schur_precision="float16")

@@ -74,6 +74,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -90,7 +91,8 @@ from lipbound.solvers.threads import ThreadPolicy
 
 log = logging.getLogger("lipbound")
 
-_OPTIONS = ("step_fraction", "lanczos_steps", "threads", "strategy")
+_OPTIONS = ("step_fraction", "lanczos_steps", "threads", "strategy", "schur_precision")
+SCHUR_PRECISIONS = ("float64", "float32", "tf32")
 STRATEGIES = ("auto", "dense", "chordal")
 
 # Cost model of one iteration's cone work in seconds (the Schur matrix's assembly and factorisation are the same
@@ -183,7 +185,11 @@ class NativeSolver:
             ``step_fraction`` (fraction of the step to the cone boundary, default adaptive 0.9-0.99),
             ``lanczos_steps`` (default 30), ``threads`` (CPU threads for every operation; by default one
             thread, and all cores only for dense operations of order at least
-            :data:`~lipbound.solvers.threads.CROSSOVER`, see :mod:`lipbound.solvers.threads`).
+            :data:`~lipbound.solvers.threads.CROSSOVER`, see :mod:`lipbound.solvers.threads`),
+            ``schur_precision`` (``"float64"``, default; ``"float32"`` or, on CUDA, ``"tf32"``: the Gram products and
+            the Schur assembly, the largest memory and work of wide nets, in that precision. Directions are still
+            refined against the float64 operators, and the first iteration whose directions lose their accuracy
+            switches to float64 for the rest of the run; every answer is checked in float64 by the certificate).
 
         Returns
         -------
@@ -249,6 +255,10 @@ class _Run:
         self.verbose = verbose
         self.policy = policy
         self.step_fraction = options.get("step_fraction")
+        precision = options.get("schur_precision", "float64")
+        if precision not in SCHUR_PRECISIONS:
+            raise SolverError(f"unknown schur_precision {precision!r}; choose one of {', '.join(SCHUR_PRECISIONS)}.")
+        self.schur_precision = precision
         rng = np.random.default_rng(0)
         lanczos_steps = int(options.get("lanczos_steps", 30))
         self.cones = [SemidefiniteCone(LowRankLMI(lmi, program.n_vars, dev, layout), lanczos_steps, rng)
@@ -292,9 +302,12 @@ class _Run:
             if lr.m:
                 # The dense layout's Gram products are few large matrix products; the chordal layout's are many
                 # small ones, and the pair gathers are memory bound: those stay on one thread.
-                with self.policy.scope(cone.n_pad if cone.nb == 1 else 0):
-                    ga, gz = lr.gram(xh), lr.gram(zi)
+                with self.policy.scope(cone.n_pad if cone.nb == 1 else 0), _tf32(self.schur_precision == "tf32"):
+                    low = self.schur_precision != "float64"
+                    ga = lr.gram(xh.float() if low else xh)
+                    gz = lr.gram(zi.float() if low else zi)
                 lr.schur(ga, gz, h)
+                del ga, gz
         h = _sym(h)
         h[self.nn, self.nn] += x_lp / s_lp
         if self.basis is not None:
@@ -500,6 +513,11 @@ class _Run:
         state = (xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone, zinv, xhat)
         schur = self._schur_factor(xhat, zinv, x_lp, s_lp)
         found = self._directions(schur, *state)
+        if found is None and self.schur_precision != "float64":
+            log.info("native: reduced-precision Schur directions lost their accuracy; float64 from now on")
+            self.schur_precision = "float64"
+            schur = self._schur_factor(xhat, zinv, x_lp, s_lp)
+            found = self._directions(schur, *state)
         if found is None:
             # Every direction lost its accuracy: near the optimum of a dual-degenerate program (the optimal
             # multipliers are not unique) the Schur matrix is singular to working precision. Solve it in the
@@ -637,6 +655,17 @@ class _Run:
                 return new, factors, alpha
             alpha *= 0.8
         raise ArithmeticError("no step keeps the iterate positive definite")
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """Let CUDA float32 products use TF32 tensor cores inside the block (restored afterwards)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or saved
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _sym(a: torch.Tensor) -> torch.Tensor:
