@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from lipbound.solvers.lowrank import LowRankLMI
@@ -392,15 +391,16 @@ class SemidefiniteCone:
                 break
             block = q[:, keep]
             basis = torch.cat([basis, block], dim=1)
-        a = (basis.T @ self.matvec(dz, basis)).cpu().numpy()
-        m = (basis.T @ self.matvec(z, basis)).cpu().numpy()
+        a = (basis.T @ self.matvec(dz, basis)).cpu()
+        m = (basis.T @ self.matvec(z, basis)).cpu()
         # Z-orthonormalise the basis through the eigendecomposition of its Gram matrix, dropping directions that
-        # rounding leaves numerically dependent (Z is nearly singular close to the optimum).
-        mv, mvec = np.linalg.eigh((m + m.T) * 0.5)
+        # rounding leaves numerically dependent (Z is nearly singular close to the optimum). Small problems, solved
+        # by torch on the CPU: numpy's LAPACK would run them on all cores, which costs far more than it saves.
+        mv, mvec = torch.linalg.eigh((m + m.T) * 0.5)
         keep = mv > 1e-12 * mv.max()
-        p = mvec[:, keep] / np.sqrt(mv[keep])
-        vals, vecs = np.linalg.eigh(p.T @ ((a + a.T) * 0.5) @ p)
-        u = basis @ torch.tensor(p @ vecs[:, 0], dtype=torch.float64, device=self.dev)
+        p = mvec[:, keep] / mv[keep].sqrt()
+        vals, vecs = torch.linalg.eigh(p.T @ ((a + a.T) * 0.5) @ p)
+        u = basis @ (p @ vecs[:, 0]).to(self.dev)
         res = self.matvec(dz, u) - float(vals[0]) * self.matvec(z, u)
         return float(vals[0]) - math.sqrt(max(float(res @ (zinv @ res)), 0.0))
 
@@ -437,5 +437,9 @@ class SemidefiniteCone:
                 break
             betas.append(beta)
             q, bq = w / beta, bw / beta
-        vals, vecs = scipy.linalg.eigh_tridiagonal(np.array(alphas), np.array(betas))
-        return float(vals[0]) - abs(beta * vecs[-1, 0])
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri += torch.diag(off, 1) + torch.diag(off, -1)
+        vals, vecs = torch.linalg.eigh(tri)
+        return float(vals[0]) - abs(beta * float(vecs[-1, 0]))
