@@ -3,7 +3,7 @@ GLipSDP's deep MLP shapes; each network solved with the native strategies side b
 
     python examples/gpu_targets.py --out gpu_out [--device cuda] [--widths 4096,4096,4096,4096]
                                    [--solvers native,native-dense,native-chordal] [--glipsdp 64x64,32x32]
-                                   [--linf path1.mat,path2.mat] [--tol 1e-9]
+                                   [--linf path1.mat,path2.mat] [--tol 1e-9] [--schur-precision float32]
 
 For each problem and solver: certified bound, solver bound, duality gap, iterations, layout (``strategy``,
 ``super_blocks``), solve / check / total time, device, the solver's peak GPU memory (``solver_info.peak_memory_mb``)
@@ -46,6 +46,7 @@ def run(net, label: str, device: str, solver: str, **kwargs) -> dict:
         return record
     record = {"network": label, "solver": solver, "method": kwargs.get("method", "lipsdp-neuron"),
               "norm": kwargs.get("norm", "l2"), "tol": kwargs.get("tol"),
+              "schur_precision": kwargs.get("schur_precision"),
               "upper_bound": cert.upper_bound, "certified": cert.certified, "solver_bound": cert.solver_bound,
               "status": cert.status, "solver_info": cert.solver_info, "timings": cert.timings,
               "total_s": time.perf_counter() - start, "gpu_peak_mb": _gpu_peak_mb(device), "sizes": cert.sizes,
@@ -67,6 +68,8 @@ def main() -> int:
     parser.add_argument("--linf", default="", help="comma-separated MaxMin .mat files for l-infinity NSR (logit 8)")
     parser.add_argument("--logit", type=int, default=8)
     parser.add_argument("--tol", type=float, default=1e-9, help="native solver's target relative gap")
+    parser.add_argument("--schur-precision", default="float64", choices=["float64", "float32", "tf32"],
+                        help="precision of the Gram products and Schur assembly (native solver option)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log solver iterations (INFO)")
     args = parser.parse_args()
     if args.verbose:
@@ -74,6 +77,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     solvers = [s for s in args.solvers.split(",") if s]
+    extra = {"tol": args.tol, "schur_precision": args.schur_precision}
     records = []
 
     def save():
@@ -86,8 +90,7 @@ def main() -> int:
         weights = [rng.standard_normal((dims[i + 1], dims[i])) / np.sqrt(dims[i]) for i in range(len(dims) - 1)]
         net = lipbound.from_weights(weights, "relu")
         for solver in solvers:
-            records.append(run(net, "-".join(map(str, dims)), args.device, solver, method="lipsdp-neuron",
-                               tol=args.tol))
+            records.append(run(net, "-".join(map(str, dims)), args.device, solver, method="lipsdp-neuron", **extra))
             save()
         lb = lipbound.lower_bound(net, device=args.device)
         for rec in records:
@@ -97,7 +100,7 @@ def main() -> int:
     for shape in filter(None, args.glipsdp.split(",")):
         spec = shapes[f"glipsdp-{shape}"]
         for solver in solvers:
-            rec = run(spec.build(), spec.label, args.device, solver, method="lipsdp-neuron", tol=args.tol)
+            rec = run(spec.build(), spec.label, args.device, solver, method="lipsdp-neuron", **extra)
             rec["weights"] = GLIPSDP_WEIGHTS
             records.append(rec)
             save()
@@ -105,7 +108,7 @@ def main() -> int:
         net = lipbound.load(path, activation="maxmin")
         for solver in solvers:
             records.append(run(net, Path(path).stem, args.device, solver, method="lipsdp-nsr", norm="linf",
-                               output_index=args.logit, tol=args.tol))
+                               output_index=args.logit, **extra))
             save()
     save()
     return 0

@@ -285,7 +285,15 @@ def _kernel_worker(threads: int, orders: tuple[int, ...], queue) -> None:
 
 def fit_crossover(kernels: list[dict], margin: float = 0.9) -> float:
     """Smallest order from which, for every kernel and every larger measured order, the fastest multi-thread run
-    takes at most ``margin`` times the one-thread time (``inf`` if more threads never pay)."""
+    takes at most ``margin`` times the one-thread time (``inf`` if more threads never pay).
+
+    Examples
+    --------
+    >>> rows = [{"kernel": "cholesky", "order": n, "threads": t, "time_s": s}
+    ...         for n, t, s in [(500, 1, 1.0), (500, 8, 3.0), (2000, 1, 1.0), (2000, 8, 0.4)]]
+    >>> fit_crossover(rows)
+    2000.0
+    """
     orders = sorted({k["order"] for k in kernels})
     pays = {}
     for n in orders:
