@@ -429,8 +429,7 @@ class _Run:
         xfs = [cone.factor_primal(x) for cone, x in zip(cones, xs, strict=True)]
         zfs = [cone.factor_dual(z) for cone, z in zip(cones, zs, strict=True)]
         it = 0
-        stall = 0
-        prev_merit = prev_mu = math.inf
+        history: list[tuple[float, float]] = []  # best merit and best mu after each iteration
         info: dict = {}
         for it in range(self.max_iter + 1):
             # Residuals and objectives. Once dual feasible, Z = -M(y) and s = y[nonneg] by construction.
@@ -470,14 +469,17 @@ class _Run:
                 break
             if it == self.max_iter:
                 break
-            # Slow but steady progress is fine (e.g. multipliers drifting to an optimum at infinity, or mu falling
-            # while the relative gap waits for the iterates to reach a tiny optimum's scale); ten iterations
-            # without a 10% improvement of the best merit or of the best mu are not.
-            stall = stall + 1 if merit > 0.9 * prev_merit and mu > 0.9 * prev_mu else 0
-            prev_merit, prev_mu = min(prev_merit, merit), min(prev_mu, mu)
-            if stall >= 10:
-                status = "stalled"
-                break
+            # Slow but steady progress is fine (e.g. multipliers drifting to an optimum at infinity, mu falling
+            # while the relative gap waits for the iterates to reach a tiny optimum's scale, or short steps through
+            # a deep chain's long infeasible phase); ten iterations that improve neither the best merit nor the
+            # best mu by 10 % in all are not.
+            best_merit, best_mu = history[-1] if history else (math.inf, math.inf)
+            history.append((min(best_merit, merit), min(best_mu, mu)))
+            if len(history) > 10:
+                then, now = history[-11], history[-1]
+                if now[0] > 0.9 * then[0] and now[1] > 0.9 * then[1]:
+                    status = "stalled"
+                    break
             try:
                 step = self._iterate(y, xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone, c_mats)
             except ArithmeticError as exc:
