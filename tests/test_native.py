@@ -317,3 +317,18 @@ def test_float32_schur_products_reach_the_float64_optimum(strategy):
     assert abs(program.objective @ low.y - program.objective @ ref.y) <= 1e-9 * abs(program.objective @ ref.y)
     with pytest.raises(SolverError, match="schur_precision"):
         NativeSolver().solve(program, schur_precision="float16")
+
+
+def test_an_optimum_below_the_datas_rounding_level_is_not_reported_optimal():
+    """30 layers of 0.5 x orthogonal 3 x 3 weights: LipSDP's optimum is 2^-60 against data of order 1 when the
+    formulation does not rescale the blocks. A slack re-assembled in float64 looks feasible at any such point, so
+    the solver must not claim optimality; the scaled program of the same net is solved to the same value."""
+    rng = np.random.default_rng(0)
+    net = lipbound.from_weights([0.5 * np.linalg.qr(rng.standard_normal((3, 3)))[0] for _ in range(30)], "relu")
+    scaled = lipsdp(net).solve_program
+    unscaled = lipsdp(net, exponents=(0,) * 31).solve_program
+    good = NativeSolver().solve(scaled)
+    bad = NativeSolver().solve(unscaled, max_iter=60)
+    assert good.status == "optimal" and good.info["rounding_floor"] <= 1e-9
+    assert bad.status != "optimal" and bad.info["rounding_floor"] > 1e-9
+    assert unscaled.value(bad.y) == pytest.approx(scaled.value(good.y), rel=1e-6)

@@ -37,9 +37,13 @@ when ``X`` is feasible), ``scale = |p| + |d|`` (about twice the optimum's magnit
 * ``gap = max(|p - d|, <X, Z>) / scale``;
 * ``primal_infeasibility = ||r_p|| / ||b||`` (relative to the data: ``X`` only certifies the lower bound);
 * ``dual_infeasibility = max(||R_d|| / ||C||, ||R_d|| ||X|| / scale)``: the second term is what the residual can
-  move the objective by (``p - d = <X, Z> + <R_d, X> - y^T r_p``), relative to the optimum.
+  move the objective by (``p - d = <X, Z> + <R_d, X> - y^T r_p``), relative to the optimum;
+* ``rounding_floor = 16 u (||C|| + ||(y_i ||F_i||)_i||) ||X|| / scale``: even a slack re-assembled exactly as
+  ``Z = C - A^T(y)`` (``R_d = 0`` from the first full dual step on) carries rounding errors of that size, so a
+  program whose optimum lies below the rounding level of its own data (e.g. an unscaled 64-layer net: optimum
+  1e-22 against entries of order 1) is never reported optimal, however feasible its slack looks in float64.
 
-``status="optimal"`` means all three are at most ``tol``. Nothing is divided by ``1 + |objective|``, so a program
+``status="optimal"`` means all four are at most ``tol``. Nothing is divided by ``1 + |objective|``, so a program
 whose optimum is 1e-10 (deep nets have tiny Lipschitz constants) is solved to the same relative accuracy as
 one whose optimum is 1: the solver is covariant under scalings of ``b`` and ``C`` (the starting point is
 chosen on the normalised data, see :meth:`_Run.solve`), so an exactly rescaled program gives the same
@@ -92,6 +96,8 @@ from lipbound.solvers.threads import ThreadPolicy
 log = logging.getLogger("lipbound")
 
 _OPTIONS = ("step_fraction", "lanczos_steps", "threads", "strategy", "schur_precision")
+# Rounding error of an assembled slack entry, in units of its terms' magnitude (16 unit roundoffs).
+_ROUNDING_FLOOR = 16 * 2.0**-53
 SCHUR_PRECISIONS = ("float64", "float32", "tf32")
 STRATEGIES = ("auto", "dense", "chordal")
 
@@ -446,24 +452,28 @@ class _Run:
             scale = max(abs(pobj) + abs(dobj), floor)
             gap = max(abs(pobj - dobj), xz) / scale
             pinf = float(torch.linalg.vector_norm(rp)) / sb
-            if rd is None:
-                dinf = 0.0
-            else:
+            x_norm = math.sqrt(sum(cone.norm(xm) ** 2 for cone, xm in zip(cones, xs, strict=True))
+                               + float(x_lp @ x_lp))
+            # Even a slack re-assembled exactly as Z = C - A^T(y) carries rounding errors of about
+            # u * (|C| + sum_i |y_i| |F_i|) per entry: a dual residual never below that floor (which is far below
+            # tol for a well-scaled program, but not when the optimum is below the data's rounding level).
+            magnitude = norm_c + float(torch.linalg.vector_norm(y * norm_a))
+            floor = _ROUNDING_FLOOR * magnitude * x_norm / scale
+            dinf = 0.0
+            if rd is not None:
                 rd_norm = math.sqrt(sum(cone.norm(r) ** 2 for cone, r in zip(cones, rd, strict=True))
                                     + float(rd_lp @ rd_lp))
-                x_norm = math.sqrt(sum(cone.norm(xm) ** 2 for cone, xm in zip(cones, xs, strict=True))
-                                   + float(x_lp @ x_lp))
                 dinf = max(rd_norm / sc, rd_norm * x_norm / scale)
-            merit = max(gap, pinf, dinf)
+            merit = max(gap, pinf, dinf, floor)
             info = {"gap": gap, "iterations": it, "primal_infeasibility": pinf, "dual_infeasibility": dinf,
-                    "objective": -dobj, "lower_objective": -pobj, "mu": mu}
+                    "rounding_floor": floor, "objective": -dobj, "lower_objective": -pobj, "mu": mu}
             if merit < best[0]:
                 best = (merit, y.clone(), dict(info))
             if self.dual_feasible and -dobj < best_feasible[0]:
                 # Every dual-feasible iterate is a valid answer; the lowest objective is the best one.
                 best_feasible = (-dobj, y.clone(), dict(info))
-            self._say("native it %3d  obj %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e  mu %.2e  "
-                      "step %.3f %.3f", it, -dobj, -pobj, gap, pinf, dinf, mu, alpha_p, alpha_d)
+            self._say("native it %3d  obj %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e  floor %.1e  "
+                      "mu %.2e  step %.3f %.3f", it, -dobj, -pobj, gap, pinf, dinf, floor, mu, alpha_p, alpha_d)
             if merit <= self.tol:
                 status = "optimal"
                 break
