@@ -218,8 +218,9 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         layers are handled inside the SDP.
     norm : {"l2", "linf"}
         ``linf`` bounds ``|f_i(x) - f_i(x')| <= L ||x - x'||_inf`` for the scalar output ``output_index``.
-    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native"}
-        ``auto`` picks by LMI size and logs the choice.
+    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native", "native-dense", "native-chordal"}
+        ``auto`` picks by LMI size and logs the choice. ``native`` chooses the dense or chordal layout of each LMI
+        from a cost model; ``native-dense`` / ``native-chordal`` force one.
     input_shape : int or tuple, optional
         For ``nn.Module`` inputs.
     activation : str
@@ -294,7 +295,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     t_solve = time.perf_counter() - start - t_form
     log.info("%s: %s returned '%s' after %.2f s; rigorous check of its answer (LMI sizes %s)", method, solver_name,
              result.status, t_solve, [lmi.size for lmi in problem.program.lmis])
-    device = solver_options.get("device") if solver_name == "native" else None
+    device = solver_options.get("device") if solver_name.startswith("native") else None
     report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device,
                                          solve_program=problem.solve_program)
     sizes.update(problem.program.sizes)
