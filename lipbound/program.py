@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 UNIT_ROUNDOFF = 2.0**-53
+_SUBNORMAL = 2.0**-1074
 
 
 def gamma(k: int) -> float:
@@ -78,13 +79,13 @@ class Term:
         return (self.left * d) @ self.right.T
 
 
-def _max_row_norm(factor: np.ndarray | None, dabs: np.ndarray) -> float:
-    """``max_i sqrt(sum_k factor_ik^2 |d_k|)`` (``factor=None`` is the identity)."""
-    if dabs.size == 0:
-        return 0.0
+def _row_norms(factor: np.ndarray | None, dabs: np.ndarray) -> np.ndarray:
+    """``sqrt(sum_k factor_ik^2 |d_k|)`` per row ``i`` (``factor=None`` is the identity)."""
     if factor is None:
-        return float(np.sqrt(np.max(dabs)))
-    return float(np.sqrt(np.max((factor**2) @ dabs)))
+        return np.sqrt(dabs)
+    if dabs.size == 0:
+        return np.zeros(factor.shape[0])
+    return np.sqrt((factor**2) @ dabs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +110,54 @@ class BlockPattern:
                 if not self.adjacency[r, c] and np.any(a[off[r]:off[r + 1], off[c]:off[c + 1]]):
                     return False
         return True
+
+
+@dataclass(frozen=True, eq=False)
+class EntrywiseBound:
+    """An entrywise bound ``|E| <= sum_t u_t v_t^T + diag(w)`` on a symmetric perturbation ``E`` of a block matrix.
+
+    Each pair ``(a, u, b, v)`` puts ``u`` on the rows of block ``a`` and ``v`` on the rows of block ``b``; the bound
+    need not be symmetric itself. What Rump's test needs is the row sums of ``D |E| D`` for a positive diagonal
+    scaling ``D`` (:meth:`row_sums`), which bound ``|E|`` in the Gershgorin sense: ``D E D >= -diag(row sums)``.
+    """
+
+    block_sizes: tuple[int, ...]
+    pairs: tuple[tuple[int, np.ndarray, int, np.ndarray], ...]
+    diagonal: np.ndarray
+
+    @classmethod
+    def uniform(cls, radius: float, pattern: BlockPattern | None, size: int) -> EntrywiseBound:
+        """``|E_ij| <= radius`` on the blocks of ``pattern`` (every entry when ``pattern`` is None)."""
+        if pattern is None:
+            pattern = BlockPattern((size,), np.ones((1, 1), dtype=bool))
+        sizes = pattern.sizes
+        pairs = tuple((a, np.full(sizes[a], float(radius)), b, np.ones(sizes[b]))
+                      for a in range(len(sizes)) for b in range(len(sizes)) if pattern.adjacency[a, b] and radius)
+        return cls(tuple(sizes), pairs, np.zeros(size))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(int)
+
+    def with_diagonal(self, extra: np.ndarray) -> EntrywiseBound:
+        """The bound plus ``diag(extra)`` (e.g. the rounding of a diagonal shift)."""
+        return EntrywiseBound(self.block_sizes, self.pairs, self.diagonal + extra)
+
+    def row_sums(self, scale: np.ndarray | None = None) -> np.ndarray:
+        """Upper bounds on ``sum_j s_i s_j |E_ij|`` per row (``s = scale``, default all ones), rounded up.
+
+        Computed in floating point from non-negative terms, so inflating by ``(n_terms + 4) u`` relative covers the
+        rounding; underflow of the products is covered by an absolute ``2^-1074`` per term.
+        """
+        off = self.offsets
+        n = int(off[-1])
+        s = np.ones(n) if scale is None else scale
+        out = self.diagonal * s * s
+        for a, u, b, v in self.pairs:
+            out[off[a]:off[a + 1]] += s[off[a]:off[a + 1]] * u * float(v @ s[off[b]:off[b + 1]])
+        count = len(self.pairs) + 2 * int(np.max(np.diff(off), initial=1)) + 8
+        out = out * (1.0 + 4.0 * count * UNIT_ROUNDOFF) + count * _SUBNORMAL
+        return np.nextafter(out, np.inf)
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,35 +215,50 @@ class LMI:
             m[s, s] = np.tril(m[s, s]) + np.tril(m[s, s], -1).T
         return m
 
-    def rounding_radius(self, y: np.ndarray) -> float:
-        """A bound ``r`` with ``|assemble(y)_ij - M(y)_ij| <= r`` for every entry (exact-arithmetic ``M``).
+    def rounding_bound(self, y: np.ndarray) -> EntrywiseBound:
+        """An entrywise bound on ``|assemble(y) - M(y)|`` (exact-arithmetic ``M``), resolved per row.
 
-        Each entry is a sum of products ``L_ik d_k R_jk`` over the terms of its block, with ``d``
-        itself a short sum of products: the standard bound ``gamma_K * sum |L_ik| |d_k| |R_jk|``
-        (Higham, Ch. 3) holds with ``K`` the total number of floating-point operations on the way.
-        The sum is bounded by Cauchy-Schwarz, ``max_i ||L_i sqrt|d| || * max_j ||R_j sqrt|d| ||``.
+        Each entry of a term's block is a sum of products ``L_ik d_k R_jk`` with ``d`` itself a short sum of
+        products: the standard bound ``gamma_K sum_k |L_ik| |d_k| |R_jk|`` (Higham, Ch. 3) holds with ``K`` the
+        total number of floating-point operations on the way (the other terms of the same block included). By
+        Cauchy-Schwarz the sum is at most ``l_i r_j`` with ``l_i = ||L_i sqrt|d| ||``, ``r_j = ||R_j sqrt|d| ||``.
+        Inexact factors add ``dL R + L dR + dL dR`` (same argument with the error bounds). Every product may also
+        underflow (absolute error below ``2^-1074`` per operation). The transposed entries (mirrored blocks, and
+        the symmetrised lower triangle of diagonal blocks) get the same bound, so each term contributes rank-one
+        pieces in both directions.
         """
-        total = 0.0
+        off = self.offsets
         per_block_terms: dict[tuple[int, int], int] = {}
         for t in self.terms:
             key = (min(t.row, t.col), max(t.row, t.col))
             per_block_terms[key] = per_block_terms.get(key, 0) + 1
+        pairs: list[tuple[int, np.ndarray, int, np.ndarray]] = []
+        diagonal = np.zeros(self.size)
         for t in self.terms:
             dabs = t.magnitude(y)
             nnz_row = int(np.max(np.diff(t.coef.indptr))) if t.coef.nnz else 0
             k = t.rank + nnz_row + t.coef_ops + 4 + per_block_terms[(min(t.row, t.col), max(t.row, t.col))]
-            lmax = _max_row_norm(t.left, dabs)
-            rmax = _max_row_norm(t.right, dabs)
-            # Inexact factors: L R - L^ R^ = dL R^ + L^ dR + dL dR, each bounded by Cauchy-Schwarz too.
-            lerr = _max_row_norm(t.left_err, dabs) if t.left_err is not None else 0.0
-            rerr = _max_row_norm(t.right_err, dabs) if t.right_err is not None else 0.0
-            factor_part = lerr * (rmax + rerr) + lmax * rerr
-            # The bound itself is computed in floating point: inflate by a relative margin far above its
-            # own rounding error (p * u), and add the smallest normal number against underflow.
-            margin = 1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF
-            term_radius = (gamma(k) * (lmax + lerr) * (rmax + rerr) + factor_part) * margin * margin
-            total += term_radius * (2 if t.mirror else 1) + np.finfo(float).tiny
-        return total * (1.0 + 1e-12)
+            # The bound itself is computed in floating point: inflate by a relative margin far above its own
+            # rounding error (p * u).
+            margin = (1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF) ** 2
+            underflow = (k + 2) * _SUBNORMAL
+            if t.left is None and t.right is None and t.row == t.col:
+                rows = slice(off[t.row], off[t.row + 1])
+                diagonal[rows] += (gamma(k) * dabs * margin + underflow) * (2 if t.mirror else 1)
+                continue
+            lrow, rrow = _row_norms(t.left, dabs), _row_norms(t.right, dabs)
+            lerr = _row_norms(t.left_err, dabs) if t.left_err is not None else np.zeros_like(lrow)
+            rerr = _row_norms(t.right_err, dabs) if t.right_err is not None else np.zeros_like(rrow)
+            # |E_ij| <= gamma (l + dl)_i (r + dr)_j + dl_i (r + dr)_j + l_i dr_j  (+ underflow)
+            u1 = (gamma(k) * (lrow + lerr) + lerr) * margin
+            v1 = (rrow + rerr) * margin
+            pieces = [(u1, v1), (lrow * margin, rerr * margin),
+                      (np.full(lrow.size, underflow), np.ones(rrow.size))]
+            for u, v in pieces:
+                if np.any(u) and np.any(v):
+                    pairs.append((t.row, u, t.col, v))
+                    pairs.append((t.col, v, t.row, u))
+        return EntrywiseBound(tuple(int(b) for b in self.block_sizes), tuple(pairs), diagonal)
 
     def vectorized(self, n_vars: int) -> tuple[sp.csr_matrix, np.ndarray]:
         """Sparse ``F`` (N^2 x n_vars) and ``f0`` (N^2) with ``vec(M(y)) = F y + f0`` (column-major vec)."""
@@ -243,7 +307,7 @@ class Program:
     LMI ``rho_lmi`` and with objective coefficient 1; the certificate re-optimises it by block elimination.
 
     The certified bound derived from a feasible-up-to-defect point is
-    ``scale * g(objective @ y + sum_t delta_t * repair_weights[t])`` with ``g = sqrt`` (``output_map
+    ``2^scale_exponent * g(objective @ y + sum_t delta_t * repair_weights[t])`` with ``g = sqrt`` (``output_map
     == "sqrt"``) or the identity (``"linear"``), where ``delta_t >= lambda_max(lmi_t(y))``; see
     :mod:`lipbound.certificate` for why.
     """
@@ -254,7 +318,7 @@ class Program:
     nonneg: np.ndarray
     repair_weights: tuple[float, ...]
     output_map: str = "sqrt"
-    scale: float = 1.0
+    scale_exponent: int = 0
     rho_index: int | None = None
     rho_block: int | None = None
     rho_lmi: int = 0
@@ -280,8 +344,8 @@ class Program:
         return y
 
     def value(self, y: np.ndarray) -> float:
-        """The bound the solver claims (no certification): ``scale * g(objective @ y)``."""
+        """The bound the solver claims (no certification): ``2^scale_exponent * g(objective @ y)``."""
         v = float(self.objective @ y)
         if self.output_map == "sqrt":
-            return self.scale * float(np.sqrt(max(v, 0.0)))
-        return self.scale * v
+            v = float(np.sqrt(max(v, 0.0)))
+        return float(np.ldexp(v, self.scale_exponent))

@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 import scipy.linalg
 
-from lipbound.program import UNIT_ROUNDOFF, BlockPattern, gamma
+from lipbound.program import UNIT_ROUNDOFF, BlockPattern, EntrywiseBound, gamma
 
 log = logging.getLogger("lipbound")
 
@@ -31,33 +31,49 @@ def next_down(x):
     return np.nextafter(x, -np.inf)
 
 
+_MAX = Fraction(np.finfo(float).max)
+
+
 def round_up(x: Fraction | float) -> float:
-    """The smallest float >= ``x`` (``x`` exact)."""
+    """The smallest float >= ``x`` (``x`` exact), at every magnitude: ``inf`` above the largest float, the
+    smallest positive subnormal for tiny positive ``x`` (never 0 unless ``x == 0``)."""
     x = Fraction(x)
-    f = float(x)
+    if x > _MAX:
+        return math.inf
+    if x < -_MAX:
+        return -float(np.finfo(float).max)
+    f = float(x)  # int / int division: correctly rounded, subnormals included
     if Fraction(f) < x:
         f = math.nextafter(f, math.inf)
     return f
 
 
 def round_down(x: Fraction | float) -> float:
-    """The largest float <= ``x`` (``x`` exact)."""
-    x = Fraction(x)
-    f = float(x)
-    if Fraction(f) > x:
-        f = math.nextafter(f, -math.inf)
-    return f
+    """The largest float <= ``x`` (``x`` exact), at every magnitude (``-inf`` below the most negative float)."""
+    return -round_up(-Fraction(x))
 
 
 def sqrt_up(x: Fraction | float) -> float:
-    """A float >= sqrt(x) for exact ``x >= 0``."""
+    """The smallest float >= sqrt(x) for exact ``x >= 0``, at every magnitude (``inf`` when it overflows).
+
+    Exact integer arithmetic: ``x`` is scaled by an even power of two into a range where an integer square root
+    carries more than 53 significant bits, rounded up, and scaled back exactly.
+
+    Examples
+    --------
+    >>> sqrt_up(4), sqrt_up(2) ** 2 >= 2, sqrt_up(Fraction(1, 2**2000)) == 2.0**-1000
+    (2.0, True, True)
+    """
     x = Fraction(x)
     if x <= 0:
         return 0.0
-    s = math.sqrt(round_up(x))
-    while Fraction(s) ** 2 < x:
-        s = math.nextafter(s, math.inf)
-    return s
+    k = max(0, (120 - (x.numerator.bit_length() - x.denominator.bit_length())) // 2 + 1)
+    scaled = x * 4**k  # >= 2^118, so its integer square root has >= 59 bits
+    n = -((-scaled.numerator) // scaled.denominator)  # ceil
+    r = math.isqrt(n)
+    if r * r < n:
+        r += 1
+    return round_up(Fraction(r, 2**k))
 
 
 def exact_sum(values) -> Fraction:
@@ -113,42 +129,62 @@ def _envelope_bound(sqrt_diag: np.ndarray, pattern: BlockPattern) -> tuple[int, 
     return width, math.nextafter(r, math.inf), k
 
 
+def _rump_constant(diag: np.ndarray, pattern: BlockPattern | None) -> Fraction:
+    """Rump's ``c`` (doubled, see :func:`rump_positive_definite`) for a matrix with diagonal ``diag`` (all > 0)."""
+    n = diag.size
+    # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
+    weight = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
+    maxdiag = Fraction(float(np.max(diag)))
+    if pattern is not None:
+        width, r, _ = _envelope_bound(next_up(np.sqrt(diag)), pattern)
+        nu = (width + 1) * _U
+        weight = min(weight, Fraction(r))
+    else:
+        nu = (n + 1) * _U
+    if 3 * nu >= 1:
+        raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
+    return 2 * ((nu / (1 - nu)) * weight + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
+
+
 def rump_shift(diag: np.ndarray, radius: float = 0.0, pattern: BlockPattern | None = None) -> float:
-    """The diagonal shift of :func:`rump_positive_definite` for a matrix with diagonal ``diag`` (all > 0).
+    """The diagonal shift of :func:`rump_positive_definite` for a matrix with diagonal ``diag`` (all > 0) and a
+    uniform entrywise radius, without equilibration.
 
     Dense: ``2 c + N r`` with ``c = (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``. With a block
     ``pattern``, ``(N+1)`` becomes ``w + 1`` (``w`` the row envelope width), ``tr(A)`` becomes
     ``min(tr(A), max_i s_i sum_{j ~ i} s_j)`` (``s_i = sqrt(A_ii)``) and ``N r`` becomes ``k r`` (``k`` the most
     structural non-zeros in a row); see :func:`rump_positive_definite`.
     """
-    n = diag.size
-    # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
-    trace = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
-    maxdiag = Fraction(float(np.max(diag)))
-    rows, weight = n, trace
-    if pattern is not None:
-        width, r, k = _envelope_bound(next_up(np.sqrt(diag)), pattern)
-        nu = (width + 1) * _U
-        weight = min(trace, Fraction(r))
-        rows = min(n, k)
-    else:
-        nu = (n + 1) * _U
-    if 3 * nu >= 1:
-        raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
-    c = 2 * ((nu / (1 - nu)) * weight + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
-    return round_up(c + rows * Fraction(float(radius)))
+    rows = diag.size if pattern is None else min(diag.size, _envelope_bound(np.sqrt(diag), pattern)[2])
+    return round_up(_rump_constant(diag, pattern) + rows * Fraction(float(radius)))
+
+
+def equilibration_exponents(diag: np.ndarray) -> np.ndarray:
+    """Integers ``e`` with ``4^e_i diag_i`` in ``[1, 4)`` (``diag > 0``): the power-of-two Jacobi scaling."""
+    return -((np.frexp(diag)[1].astype(np.int64) - 1) // 2)
 
 
 def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | None = None,
-                           pattern: BlockPattern | None = None) -> bool:
-    """Prove that every symmetric matrix within ``radius`` (entrywise) of ``a`` is positive definite.
+                           pattern: BlockPattern | None = None, bound: EntrywiseBound | None = None) -> bool:
+    """Prove that every symmetric matrix within ``radius`` (entrywise; or within ``bound``) of ``a`` is positive
+    definite.
 
     Rump's test (BIT 2006, constants of Rump & Jeannerod 2014; formalised in ValidSDP,
-    ``corollary_2_7_with_c_r_upper_bounds``): shift the diagonal down by
-    ``c + N r`` with ``c >= (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``; if the
-    floating-point Cholesky factorisation of the shifted matrix succeeds, the claim holds. We double
-    ``c`` to cover blocked and FMA-based LAPACK kernels, whose summation orders the formal proof does
-    not fix (the underlying ``gamma_k`` bound holds for any order).
+    ``corollary_2_7_with_c_r_upper_bounds``): shift the diagonal down by ``c`` with
+    ``c >= (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``; if the floating-point Cholesky
+    factorisation of the shifted matrix succeeds, ``A`` is positive definite. We double ``c`` to cover blocked
+    and FMA-based LAPACK kernels, whose summation orders the formal proof does not fix (the underlying
+    ``gamma_k`` bound holds for any order).
+
+    **Equilibration.** The test runs on ``D A D`` with ``D = diag(2^e_i)`` making every diagonal entry lie in
+    ``[1, 4)`` (exact in binary floating point up to underflow, which is accounted for): congruence keeps
+    definiteness, and ``c`` is then relative to each row's own magnitude instead of the largest one (Cholesky
+    itself is invariant under such scalings, van der Sluis). Badly scaled LMIs (multipliers from ``1e-11`` to
+    ``1``) are proved to their own precision this way.
+
+    **Perturbations.** For a perturbation ``E`` with ``|D E D|`` of row sums ``r_i`` (from ``bound``, or ``radius``
+    on every structurally non-zero entry), row ``i`` is shifted by ``c + r_i``: ``D E D >= -diag(r)`` (Gershgorin),
+    so ``D (A + E) D = G G^T + (diag shift - Cholesky error) + (diag(r) + D E D)`` is positive definite.
 
     With a block ``pattern`` (every non-zero of ``a`` and of the matrices of interest lies in its blocks) the
     constants use the structure (the same ``gamma_k`` analysis of Higham, *Accuracy and Stability*, Ch. 3 and
@@ -157,20 +193,21 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     and ``gamma_{N+1}`` becomes ``gamma_{w+1}``; the error matrix is bounded entrywise by
     ``gamma_{w+1} s_i s_j`` on the pairs whose envelopes overlap and is zero elsewhere, so its norm is at most
     ``gamma_{w+1} max_i s_i sum_{j ~ i} s_j`` (row sums of a non-negative symmetric matrix) instead of
-    ``gamma_{N+1} tr(A)``; the perturbation of size ``radius`` has at most ``k`` non-zeros per row. For a
-    block-tridiagonal LMI of ``L`` blocks of size ``b`` this divides the shift by about ``L^2 / 6``.
-    Derivation: ``theory/certificate_repair.md``.
+    ``gamma_{N+1} tr(A)``. For a block-tridiagonal LMI of ``L`` blocks of size ``b`` this divides the shift by
+    about ``L^2 / 6``. Derivation: ``theory/certificate_repair.md``.
 
     Parameters
     ----------
     a : (N, N) symmetric float64 array
     radius : float
-        Entrywise bound on the distance to the matrices of interest.
+        Entrywise bound on the distance to the matrices of interest (ignored when ``bound`` is given).
     device : str, optional
         ``"cuda"`` runs the Cholesky factorisation on the GPU.
     pattern : BlockPattern, optional
         Block sparsity shared by ``a`` and the matrices of interest. Checked against ``a``; when ``a`` has a
         non-zero outside it the dense constants are used.
+    bound : EntrywiseBound, optional
+        A structured entrywise bound on the distance to the matrices of interest.
 
     Returns
     -------
@@ -183,6 +220,8 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     True
     >>> rump_positive_definite(np.diag([1.0, 1e-20]), radius=1e-10)
     False
+    >>> rump_positive_definite(np.diag([1.0, 1e-200]))
+    True
     """
     n = a.shape[0]
     if a.shape != (n, n) or not np.all(np.isfinite(a)) or not np.array_equal(a, a.T):
@@ -193,13 +232,23 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     if pattern is not None and (sum(pattern.sizes) != n or not pattern.contains(a)):
         log.warning("Rump's test: the matrix does not fit the given block pattern; using the dense constants.")
         pattern = None
-    shift = rump_shift(diag, radius, pattern)
-    shifted_diag = np.nextafter(diag - shift, -np.inf)
-    if np.any(shifted_diag <= 0):
+    if bound is None:
+        bound = EntrywiseBound.uniform(radius, pattern, n)
+    e = equilibration_exponents(diag)
+    scaled = np.ldexp(a, e[:, None] + e[None, :])
+    if not np.all(np.isfinite(scaled)):
         return False
-    shifted = a.copy()
-    np.fill_diagonal(shifted, shifted_diag)
-    return _cholesky_succeeds(shifted, device)
+    rows = bound.row_sums(np.ldexp(1.0, e))
+    inexact = (np.abs(scaled) < np.finfo(float).tiny) & (a != 0)
+    if np.any(inexact):  # underflow while scaling: each such entry is off by at most 2^-1075
+        rows = next_up(rows + np.count_nonzero(inexact, axis=1) * 2.0**-1074)
+    sdiag = np.diag(scaled)
+    shift = next_up(round_up(_rump_constant(sdiag, pattern)) + rows)
+    shifted_diag = next_down(sdiag - shift)
+    if not np.all(np.isfinite(shifted_diag)) or np.any(shifted_diag <= 0):
+        return False
+    np.fill_diagonal(scaled, shifted_diag)
+    return _cholesky_succeeds(scaled, device)
 
 
 def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
@@ -223,58 +272,77 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
         return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
 
 
-def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float | None = None,
+def negative_semidefinite_defect(m: np.ndarray, radius: float | EntrywiseBound, estimate: float | None = None,
                                  tries: int = 10, device: str | None = None, first: float | None = None,
-                                 pattern: BlockPattern | None = None, try_zero: bool = True) -> float:
+                                 pattern: BlockPattern | None = None, try_zero: bool = True,
+                                 zero_only: bool = False) -> float:
     """A rigorous ``delta >= 0`` with ``M <= delta I`` for every symmetric ``M`` within ``radius`` of ``m``.
 
-    Tries ``delta = 0`` and Rump's shift first (enough when ``lambda_max(m) <= 0``, the usual case for
-    solver answers: each try is one Cholesky factorisation, much cheaper than an eigenvalue estimate of a
-    large LMI); then starts from a floating-point estimate of ``lambda_max(m)`` (``estimate``, or computed)
-    plus the shift and enlarges the margin until :func:`rump_positive_definite` proves ``delta I - M``
-    positive definite. ``first`` is tried before anything else (e.g. the ``delta`` a saved certificate
-    recorded; it is proved again, not trusted). ``pattern``: the block sparsity of ``m`` and of the matrices
-    of interest (see :func:`rump_positive_definite`). ``try_zero=False`` skips the ``delta = 0`` attempt (for
-    matrices known to be singular up to rounding, e.g. after ``rho`` was re-optimised onto the boundary).
+    ``radius`` is a uniform entrywise bound (on the structurally non-zero entries) or an
+    :class:`~lipbound.program.EntrywiseBound`. Tries ``delta = 0`` and a margin of Rump's shift first (enough
+    when ``lambda_max(m) <= 0``, the usual case for solver answers: each try is one Cholesky factorisation, much
+    cheaper than an eigenvalue estimate of a large LMI); then starts from a floating-point estimate of
+    ``lambda_max(m)`` (``estimate``, or computed) plus the shift and enlarges the margin until
+    :func:`rump_positive_definite` proves ``delta I - M`` positive definite. ``first`` is tried before anything
+    else (e.g. the ``delta`` a saved certificate recorded; it is proved again, not trusted). ``pattern``: the block
+    sparsity of ``m`` and of the matrices of interest (see :func:`rump_positive_definite`). ``try_zero=False``
+    skips the ``delta = 0`` attempt (for matrices known to be singular up to rounding, e.g. after ``rho`` was
+    re-optimised onto the boundary). ``zero_only=True`` tries ``delta = 0`` only (a proof of strict feasibility).
 
     Raises
     ------
     ArithmeticError
-        If no ``delta`` could be proved (non-finite input).
+        If no ``delta`` could be proved (non-finite input, or no tried margin sufficed).
     """
     n = m.shape[0]
     if not np.all(np.isfinite(m)):
         raise ArithmeticError("the LMI matrix has non-finite entries.")
+    if not isinstance(radius, EntrywiseBound):
+        if not math.isfinite(radius):
+            raise ArithmeticError("the rounding radius of the LMI is not finite.")
+        radius = EntrywiseBound.uniform(radius, pattern, n)
     neg_diag = -np.diag(m)
-    scale = max(float(np.max(np.abs(m))), np.finfo(float).tiny)
+    tiny = np.finfo(float).tiny
 
     def excess(lam: float) -> float:
-        # Rump's shift for delta I - M with delta ~ lam, a margin for the rounding of the diagonal, and a floor.
-        diag = np.maximum(neg_diag + max(lam, 0.0), 0.0) + np.finfo(float).tiny
-        return 1.25 * rump_shift(diag, radius, pattern) + 64 * UNIT_ROUNDOFF * scale
+        # Rump's shift for delta I - M with delta ~ lam, in the coordinates of M: each row's shift (constant and
+        # perturbation row sum, relative after equilibration) scaled back by that row's diagonal.
+        diag = np.maximum(neg_diag + max(lam, 0.0), 0.0) + tiny
+        e = equilibration_exponents(diag)
+        sdiag = np.ldexp(diag, 2 * e)
+        rows = radius.row_sums(np.ldexp(1.0, e)) + UNIT_ROUNDOFF * sdiag * 2
+        local = np.ldexp(float(_rump_constant(sdiag, pattern)) + rows, -2 * e)
+        return 1.25 * float(np.max(local))
 
     def proves(delta: float) -> bool:
         a = -m
         a[np.diag_indices(n)] += delta
-        # Subtracting from the diagonal rounds once per entry: widen the radius by u |a_ii|.
-        r = radius + UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(a)))) * (1 + 4 * UNIT_ROUNDOFF)
-        return rump_positive_definite(a, round_up(Fraction(r)), device, pattern)
+        # Adding to the diagonal rounds once per entry: widen the bound by u |a_ii|.
+        b = radius.with_diagonal(next_up(UNIT_ROUNDOFF * np.abs(np.diag(a)) * (1 + 4 * UNIT_ROUNDOFF)))
+        return rump_positive_definite(a, device=device, pattern=pattern, bound=b)
 
-    guesses = [] if first is None else [first]
+    if zero_only:
+        if proves(0.0):
+            return 0.0
+        raise ArithmeticError("M < 0 (strict feasibility) could not be proved.")
+    guesses = [] if first is None or not math.isfinite(first) or first < 0 else [first]
     if estimate is None:
         guesses += ([0.0] if try_zero else []) + [excess(0.0)]
     for delta in guesses:
         delta = round_up(delta)
-        if proves(delta):
+        if math.isfinite(delta) and proves(delta):
             return delta
     lam = largest_eigenvalue(m, device) if estimate is None else estimate
     if not math.isfinite(lam):
         raise ArithmeticError("the LMI matrix has non-finite eigenvalues.")
-    candidates = [0.0] if lam + excess(lam) < 0 else []
-    candidates += [max(lam, 0.0) + excess(lam) * 4.0**i for i in range(tries)]
+    margin = excess(lam)
+    if not math.isfinite(margin):
+        raise ArithmeticError("Rump's shift of the LMI matrix is not finite (entries near the overflow threshold).")
+    candidates = [0.0] if lam + margin < 0 else []
+    candidates += [max(lam, 0.0) + margin * 4.0**i for i in range(tries)]
     for delta in candidates:
         delta = round_up(delta)
-        if proves(delta):
+        if math.isfinite(delta) and proves(delta):
             return delta
     raise ArithmeticError(f"could not prove M <= delta I for any tried delta (lambda_max estimate {lam:.3e}).")
 

@@ -260,7 +260,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
             if rho_home in remap:
                 rho_lmi, rho_block = ci, remap[rho_home]
         return Program(tuple(lmis), n_vars, objective, nonneg, tuple(weights),
-                       "sqrt" if norm == "l2" else "linear", float(np.ldexp(1.0, e_out)), rho_index=0,
+                       "sqrt" if norm == "l2" else "linear", e_out, rho_index=0,
                        rho_block=rho_block, rho_lmi=rho_lmi, rho_weight=1.0 if norm == "l2" else 2.0,
                        variables=tuple(variables), name=name)
 
