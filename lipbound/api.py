@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +156,12 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
                "bounds_method": bounds_method, "reduce_input": reduce_input}
     network = localise(network, domain, bounds_method)
     if method == "mp":
-        bound, estimate = product_bound(network, norm, output_index)
-        return Certificate(bound, True, estimate, method, "closed-form", norm, "closed_form",
+        bound, estimate, scaling = product_bound(network, norm, output_index)
+        finite = math.isfinite(bound)
+        return Certificate(bound if finite else None, finite, estimate, method, "closed-form", norm, "closed_form",
+                           reason="" if finite else "the product bound overflows the float64 range",
                            time_s=time.perf_counter() - start, sizes=sizes, network=network.summary(),
-                           options=options)
+                           options=options, exponents=list(scaling))
     problem = build_problem(network, method, norm, output_index, coupled, reduce_input=reduce_input)
     t_form = time.perf_counter() - start
     solver_name = choose_solver(problem.solve_program) if solver == "auto" else solver.lower()
@@ -218,7 +221,8 @@ def verify_certificate(certificate: Certificate, model, input_shape=None, activa
     opts = certificate.options or {}
     network = localise(network, domain_from_dict(opts.get("domain")), opts.get("bounds_method", "crown"))
     if certificate.method == "mp":
-        bound, _ = product_bound(network, certificate.norm, opts.get("output_index"))
+        bound, _, _ = product_bound(network, certificate.norm, opts.get("output_index"),
+                                    tuple(certificate.exponents) or None)
     else:
         if certificate.method not in METHODS:
             return Verification(False, None, f"unknown method {certificate.method!r}")

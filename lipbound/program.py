@@ -219,13 +219,16 @@ class LMI:
         """An entrywise bound on ``|assemble(y) - M(y)|`` (exact-arithmetic ``M``), resolved per row.
 
         Each entry of a term's block is a sum of products ``L_ik d_k R_jk`` with ``d`` itself a short sum of
-        products: the standard bound ``gamma_K sum_k |L_ik| |d_k| |R_jk|`` (Higham, Ch. 3) holds with ``K`` the
-        total number of floating-point operations on the way (the other terms of the same block included). By
-        Cauchy-Schwarz the sum is at most ``l_i r_j`` with ``l_i = ||L_i sqrt|d| ||``, ``r_j = ||R_j sqrt|d| ||``.
-        Inexact factors add ``dL R + L dR + dL dR`` (same argument with the error bounds). Every product may also
-        underflow (absolute error below ``2^-1074`` per operation). The transposed entries (mirrored blocks, and
-        the symmetrised lower triangle of diagonal blocks) get the same bound, so each term contributes rank-one
-        pieces in both directions.
+        products. Every floating-point operation ``op`` returns ``op(1 + e) + f`` with ``|e| <= u`` and
+        ``|f| <= 2^-1075`` (underflow). So ``|d_hat_k - d_k| <= gamma dabs_k + a_k`` with ``dabs = |coef| |y| +
+        |const|`` and ``a_k = coef_ops eta sum_{coef_kv != 0} |y_v| + (ops) eta`` (a stored coefficient that
+        underflowed is off by ``eta`` times its multiplier), and the computed entry is within
+        ``sum_k |L_ik| w_k |R_jk| + K eta`` of the exact one, with ``w = gamma_K (dabs + a) + a`` (Higham, Ch. 3;
+        ``K`` counts the operations on the way, the other terms of the same block included). By Cauchy-Schwarz
+        the sum is at most ``l_i r_j`` with ``l_i = ||L_i sqrt(w)||``, ``r_j = ||R_j sqrt(w)||``. Inexact factors
+        add ``dL R + L dR + dL dR`` (same argument, weights ``|d| <= dabs + a``). The transposed entries (mirrored
+        blocks, and the symmetrised lower triangle of diagonal blocks) get the same bound, so each term
+        contributes rank-one pieces in both directions.
         """
         off = self.offsets
         per_block_terms: dict[tuple[int, int], int] = {}
@@ -234,26 +237,32 @@ class LMI:
             per_block_terms[key] = per_block_terms.get(key, 0) + 1
         pairs: list[tuple[int, np.ndarray, int, np.ndarray]] = []
         diagonal = np.zeros(self.size)
+        yabs = np.abs(y)
         for t in self.terms:
             dabs = t.magnitude(y)
             nnz_row = int(np.max(np.diff(t.coef.indptr))) if t.coef.nnz else 0
             k = t.rank + nnz_row + t.coef_ops + 4 + per_block_terms[(min(t.row, t.col), max(t.row, t.col))]
+            pattern = abs(t.coef.sign()) @ yabs + (0.0 if t.const is None else (t.const != 0))
+            absolute = (t.coef_ops * pattern + nnz_row + 2) * _SUBNORMAL
             # The bound itself is computed in floating point: inflate by a relative margin far above its own
             # rounding error (p * u).
             margin = (1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF) ** 2
+            weight = (gamma(k) * (dabs + absolute) + absolute) * margin
+            true = (dabs + absolute) * margin
             underflow = (k + 2) * _SUBNORMAL
             if t.left is None and t.right is None and t.row == t.col:
                 rows = slice(off[t.row], off[t.row + 1])
-                diagonal[rows] += (gamma(k) * dabs * margin + underflow) * (2 if t.mirror else 1)
+                diagonal[rows] += (weight + underflow) * (2 if t.mirror else 1)
                 continue
-            lrow, rrow = _row_norms(t.left, dabs), _row_norms(t.right, dabs)
-            lerr = _row_norms(t.left_err, dabs) if t.left_err is not None else np.zeros_like(lrow)
-            rerr = _row_norms(t.right_err, dabs) if t.right_err is not None else np.zeros_like(rrow)
-            # |E_ij| <= gamma (l + dl)_i (r + dr)_j + dl_i (r + dr)_j + l_i dr_j  (+ underflow)
-            u1 = (gamma(k) * (lrow + lerr) + lerr) * margin
-            v1 = (rrow + rerr) * margin
-            pieces = [(u1, v1), (lrow * margin, rerr * margin),
-                      (np.full(lrow.size, underflow), np.ones(rrow.size))]
+            pieces = [(_row_norms(t.left, weight), _row_norms(t.right, weight)),
+                      (np.full(t.left.shape[0] if t.left is not None else t.rank, underflow),
+                       np.ones(t.right.shape[0] if t.right is not None else t.rank))]
+            if t.left_err is not None or t.right_err is not None:
+                lrow, rrow = _row_norms(t.left, true), _row_norms(t.right, true)
+                lerr = _row_norms(t.left_err, true) if t.left_err is not None else np.zeros_like(lrow)
+                rerr = _row_norms(t.right_err, true) if t.right_err is not None else np.zeros_like(rrow)
+                # dL R + L dR + dL dR <= dl (r + dr) + l dr
+                pieces += [(lerr, rrow + rerr), (lrow, rerr)]
             for u, v in pieces:
                 if np.any(u) and np.any(v):
                     pairs.append((t.row, u, t.col, v))

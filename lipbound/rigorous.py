@@ -385,8 +385,52 @@ def spectral_norm_estimate(w: np.ndarray, rtol: float = 1e-13, gram: np.ndarray 
     return float(np.linalg.norm(w, 2)) if lam is None else float(np.sqrt(lam))
 
 
+def spectral_norm_bound(w: np.ndarray) -> Fraction:
+    """An exact rational upper bound on ``||W||_2`` at any magnitude (see :func:`spectral_norm_upper`).
+
+    ``W`` is first scaled by a power of two so that its largest entry lies in ``[1/2, 1)``; entries that this
+    pushes below the smallest subnormal are off by at most ``2^-1075`` each, added as their Frobenius norm.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    if w.size == 0 or not np.any(w):
+        return Fraction(0)
+    if not np.all(np.isfinite(w)):
+        raise ArithmeticError("the matrix has non-finite entries.")
+    e = int(np.frexp(float(np.max(np.abs(w))))[1])
+    scaled = np.ldexp(w, -e)
+    lost = int(np.count_nonzero(np.ldexp(scaled, e) != w))
+    bound = Fraction(_spectral_norm_upper_normalised(scaled))
+    if lost:
+        bound += Fraction(sqrt_up(lost)) * Fraction(1, 2**1074)
+    return bound * Fraction(2) ** e
+
+
+def frobenius_bound(x: np.ndarray) -> Fraction:
+    """An exact rational upper bound on the Frobenius norm of ``x``, at any magnitude.
+
+    Examples
+    --------
+    >>> float(frobenius_bound(np.array([3.0, 4.0]))) >= 5.0
+    True
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or not np.any(x):
+        return Fraction(0)
+    if not np.all(np.isfinite(x)):
+        raise ArithmeticError("the matrix has non-finite entries.")
+    e = int(np.frexp(float(np.max(np.abs(x))))[1])
+    scaled = np.ldexp(x, -e).ravel()
+    lost = int(np.count_nonzero(np.ldexp(scaled, e) != x.ravel()))
+    # Squares and their sum: relative error gamma_{n+1}, plus 2^-1074 per square that underflows, plus the entries
+    # lost to scaling (each below 2^-1074 in scaled units).
+    total = Fraction(math.fsum((scaled * scaled).tolist())) * (1 + 2 * Fraction(x.size + 4, 2**53))
+    total += Fraction(x.size + lost, 2**1074)
+    return Fraction(sqrt_up(total)) * Fraction(2) ** e
+
+
 def spectral_norm_upper(w: np.ndarray) -> float:
-    """A rigorous upper bound on the spectral norm ``||W||_2`` (within ~1e-7 relative of the true value).
+    """A rigorous upper bound on the spectral norm ``||W||_2`` (within ~1e-7 relative of the true value), rounded
+    up to a float (``inf`` beyond the float range).
 
     The floating-point estimate ``s`` is inflated to ``t`` and ``t^2 I - G`` (``G`` the smaller Gram
     matrix) is proved positive definite with Rump's test, accounting for the rounding in ``G``.
@@ -397,19 +441,17 @@ def spectral_norm_upper(w: np.ndarray) -> float:
     >>> spectral_norm_upper(np.diag([3.0, 1.0])) >= 3.0
     True
     """
-    w = np.asarray(w, dtype=np.float64)
-    if w.size == 0 or not np.any(w):
-        return 0.0
-    big = float(np.max(np.abs(w)))
-    if big < 2.0**-400 or big > 2.0**400:
-        # Squares would underflow or overflow: bound the norm of an exactly rescaled copy (power of two).
-        e = int(np.frexp(big)[1])
-        return math.nextafter(float(np.ldexp(spectral_norm_upper(np.ldexp(w, -e)), e)), math.inf)
+    return round_up(spectral_norm_bound(w))
+
+
+def _spectral_norm_upper_normalised(w: np.ndarray) -> float:
+    """:func:`spectral_norm_upper` for a matrix whose largest entry lies in ``[1/2, 1)``; products of tiny entries
+    may underflow (absolute error ``2^-1074`` each, in the radius)."""
     g = w.T @ w if w.shape[1] <= w.shape[0] else w @ w.T
     g = np.tril(g) + np.tril(g, -1).T
     k = max(w.shape)
     row_norm_sq = float(np.max(np.sum(w * w, axis=0 if w.shape[1] <= w.shape[0] else 1)))
-    radius = gamma(k + 2) * row_norm_sq * (1 + 1e-12)
+    radius = gamma(k + 2) * row_norm_sq * (1 + 1e-12) + (k + 2) * 2.0**-1074
     s = spectral_norm_estimate(w, gram=g)
     # The first margin leaves room for Rump's shift on t^2 I - G (each failed try costs a Cholesky factorisation).
     s2 = max(s * s, np.finfo(float).tiny)
@@ -423,5 +465,4 @@ def spectral_norm_upper(w: np.ndarray) -> float:
         r = radius + UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(a)))) * 2
         if rump_positive_definite(a, r):
             return t
-    frob = exact_sum((w * w).ravel()) * (1 + Fraction(2 * (w.size + 2)) * _U)
-    return sqrt_up(frob)
+    return sqrt_up(sum((Fraction(float(x)) ** 2 for x in w.ravel()), Fraction(0)))
