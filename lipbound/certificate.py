@@ -164,8 +164,39 @@ def optimal_rho(program: Program, y: np.ndarray, device: str | None = None) -> f
     return max(float(top) / program.rho_weight, 0.0)
 
 
-#: Relative enlargements of the re-optimised ``rho`` tried before repairing with ``delta``.
-_RHO_BUMPS = tuple(Fraction(1, 2**k) for k in (40, 34, 28, 22, 16, 10, 5))
+#: Relative enlargements ``2^-k`` of the re-optimised ``rho`` tried before repairing with ``delta`` (then refined
+#: between the last failure and the first success, to within a factor 2).
+_RHO_BUMP_EXPONENTS = (40, 34, 28, 22, 16, 10, 5)
+
+
+def _enlarged_rho(program: Program, y: np.ndarray, rho: float, device: str | None):
+    """The smallest tried ``rho (1 + 2^-k)`` for which the LMI is proved strictly feasible, with its report.
+
+    ``rho`` on the boundary makes the LMI singular; slightly above it, the LMI is strictly feasible when the other
+    multipliers are (an interior-point answer), and the bound needs no repair at all. How far above depends on how
+    well the solver's point is centred: coarse steps first, then bisection of ``k``.
+    """
+    def attempt(k: int):
+        y2 = y.copy()
+        y2[program.rho_index] = round_up(Fraction(rho) * (1 + Fraction(1, 2**k)))
+        report = check_program(program, y2, device, strict_rho=True)
+        return (report, y2) if report.certified else None
+
+    failed = None
+    for k in _RHO_BUMP_EXPONENTS:
+        found = attempt(k)
+        if found is None:
+            failed = k
+            continue
+        while failed is not None and failed - k > 1:
+            mid = (failed + k) // 2
+            better = attempt(mid)
+            if better is None:
+                failed = mid
+            else:
+                found, k = better, mid
+        return found
+    return None
 
 
 def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, device: str | None = None,
@@ -191,14 +222,10 @@ def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, de
         # The reduced program has the same optimal rho for given multipliers and a much smaller rho block.
         rho = optimal_rho(solve_program or program, y, device)
         if rho is not None:
+            found = _enlarged_rho(program, y, rho, device) if rho > 0 else None
+            if found is not None:
+                return found[0], found[1], raw
             y2 = y.copy()
-            # rho on the boundary makes the LMI singular; slightly above it, the LMI is strictly feasible when the
-            # other multipliers are (an interior-point answer), and the bound needs no repair at all.
-            for bump in _RHO_BUMPS if rho > 0 else ():
-                y2[program.rho_index] = round_up(Fraction(rho) * (1 + bump))
-                report = check_program(program, y2, device, strict_rho=True)
-                if report.certified:
-                    return report, y2, raw
             y2[program.rho_index] = rho
             report = check_program(program, y2, device, rho_on_boundary=rho > 0)
             if report.certified:

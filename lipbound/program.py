@@ -79,15 +79,6 @@ class Term:
         return (self.left * d) @ self.right.T
 
 
-def _row_norms(factor: np.ndarray | None, dabs: np.ndarray) -> np.ndarray:
-    """``sqrt(sum_k factor_ik^2 |d_k|)`` per row ``i`` (``factor=None`` is the identity)."""
-    if factor is None:
-        return np.sqrt(dabs)
-    if dabs.size == 0:
-        return np.zeros(factor.shape[0])
-    return np.sqrt((factor**2) @ dabs)
-
-
 @dataclass(frozen=True, eq=False)
 class BlockPattern:
     """Which blocks of a symmetric block matrix may be non-zero: ``sizes`` of the diagonal blocks and a
@@ -114,16 +105,19 @@ class BlockPattern:
 
 @dataclass(frozen=True, eq=False)
 class EntrywiseBound:
-    """An entrywise bound ``|E| <= sum_t u_t v_t^T + diag(w)`` on a symmetric perturbation ``E`` of a block matrix.
+    """An entrywise bound ``|E| <= sum_t |L_t| diag(w_t) |R_t|^T`` on a symmetric perturbation ``E`` of a block matrix.
 
-    Each pair ``(a, u, b, v)`` puts ``u`` on the rows of block ``a`` and ``v`` on the rows of block ``b``; the bound
-    need not be symmetric itself. What Rump's test needs is the row sums of ``D |E| D`` for a positive diagonal
-    scaling ``D`` (:meth:`row_sums`), which bound ``|E|`` in the Gershgorin sense: ``D E D >= -diag(row sums)``.
+    Each piece ``(a, L, w, b, R, support)`` bounds the entries of block ``(a, b)``: ``L`` has the rows of block
+    ``a`` and ``R`` those of block ``b`` (``None``: the identity), ``w >= 0`` one weight per column; with
+    ``support`` set, ``|L|`` and ``|R|`` are replaced by the indicators of their non-zeros (for per-operation
+    underflow). The bound need not be symmetric itself. What Rump's test needs is the row sums of ``D |E| D`` for a
+    positive diagonal scaling ``D`` (:meth:`row_sums`), which bound ``E`` in the Gershgorin sense:
+    ``D E D >= -diag(row sums)``. Keeping the factors (instead of, say, a rank-one Cauchy-Schwarz bound) keeps the
+    bound zero where the exact entries are structurally zero, which matters once rows are scaled far apart.
     """
 
     block_sizes: tuple[int, ...]
-    pairs: tuple[tuple[int, np.ndarray, int, np.ndarray], ...]
-    diagonal: np.ndarray
+    pieces: tuple[tuple[int, np.ndarray | None, np.ndarray, int, np.ndarray | None, bool], ...]
 
     @classmethod
     def uniform(cls, radius: float, pattern: BlockPattern | None, size: int) -> EntrywiseBound:
@@ -131,9 +125,9 @@ class EntrywiseBound:
         if pattern is None:
             pattern = BlockPattern((size,), np.ones((1, 1), dtype=bool))
         sizes = pattern.sizes
-        pairs = tuple((a, np.full(sizes[a], float(radius)), b, np.ones(sizes[b]))
-                      for a in range(len(sizes)) for b in range(len(sizes)) if pattern.adjacency[a, b] and radius)
-        return cls(tuple(sizes), pairs, np.zeros(size))
+        pieces = tuple((a, np.ones((sizes[a], 1)), np.array([float(radius)]), b, np.ones((sizes[b], 1)), False)
+                       for a in range(len(sizes)) for b in range(len(sizes)) if pattern.adjacency[a, b] and radius)
+        return cls(tuple(sizes), pieces)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -141,23 +135,52 @@ class EntrywiseBound:
 
     def with_diagonal(self, extra: np.ndarray) -> EntrywiseBound:
         """The bound plus ``diag(extra)`` (e.g. the rounding of a diagonal shift)."""
-        return EntrywiseBound(self.block_sizes, self.pairs, self.diagonal + extra)
+        off = self.offsets
+        added = tuple((b, None, np.asarray(extra[off[b]:off[b + 1]], dtype=float), b, None, False)
+                      for b in range(len(self.block_sizes)))
+        return EntrywiseBound(self.block_sizes, self.pieces + added)
+
+    def dense(self) -> np.ndarray:
+        """The bound as a dense matrix (for tests and small problems)."""
+        off = self.offsets
+        n = int(off[-1])
+        out = np.zeros((n, n))
+        for a, left, w, b, right, support in self.pieces:
+            lm, rm = _magnitude(left, support, w.size), _magnitude(right, support, w.size)
+            out[off[a]:off[a + 1], off[b]:off[b + 1]] += (lm * w) @ rm.T
+        return out
 
     def row_sums(self, scale: np.ndarray | None = None) -> np.ndarray:
         """Upper bounds on ``sum_j s_i s_j |E_ij|`` per row (``s = scale``, default all ones), rounded up.
 
-        Computed in floating point from non-negative terms, so inflating by ``(n_terms + 4) u`` relative covers the
-        rounding; underflow of the products is covered by an absolute ``2^-1074`` per term.
+        Evaluated in floating point from non-negative terms: each piece is ``s_a |L| (w (|R|^T s_b))``, whose
+        relative rounding error is at most ``gamma`` of the number of operations along the way (inflated for), and
+        whose underflows (at most ``2^-1075`` per operation) are bounded by ``(n_b + 4) (s_a |L| w + 1) + (p + 4)
+        s_a`` units of ``2^-1074`` per row.
         """
         off = self.offsets
         n = int(off[-1])
-        s = np.ones(n) if scale is None else scale
-        out = self.diagonal * s * s
-        for a, u, b, v in self.pairs:
-            out[off[a]:off[a + 1]] += s[off[a]:off[a + 1]] * u * float(v @ s[off[b]:off[b + 1]])
-        count = len(self.pairs) + 2 * int(np.max(np.diff(off), initial=1)) + 8
-        out = out * (1.0 + 4.0 * count * UNIT_ROUNDOFF) + count * _SUBNORMAL
-        return np.nextafter(out, np.inf)
+        s = np.ones(n) if scale is None else np.asarray(scale, dtype=float)
+        out = np.zeros(n)
+        lost = np.zeros(n)
+        ops = 8
+        for a, left, w, b, right, support in self.pieces:
+            sa, sb = s[off[a]:off[a + 1]], s[off[b]:off[b + 1]]
+            t = w * (sb if right is None else _magnitude(right, support, w.size).T @ sb)
+            out[off[a]:off[a + 1]] += sa * (t if left is None else _magnitude(left, support, w.size) @ t)
+            reach = sa * (w if left is None else _magnitude(left, support, w.size) @ w)
+            lost[off[a]:off[a + 1]] += (sb.size + 4) * (reach + 1) + (w.size + 4) * sa
+            ops = max(ops, sb.size + w.size + 8)
+        ops += len(self.pieces)
+        out = out * (1.0 + 4.0 * ops * UNIT_ROUNDOFF) + 2 * _SUBNORMAL * lost * (1.0 + 4.0 * ops * UNIT_ROUNDOFF)
+        return np.nextafter(out + ops * _SUBNORMAL, np.inf)
+
+
+def _magnitude(factor: np.ndarray | None, support: bool, size: int) -> np.ndarray:
+    """``|factor|`` (or the indicator of its non-zeros); the identity of order ``size`` for None."""
+    if factor is None:
+        return np.eye(size)
+    return (factor != 0).astype(float) if support else np.abs(factor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,50 +247,46 @@ class LMI:
         |const|`` and ``a_k = coef_ops eta sum_{coef_kv != 0} |y_v| + (ops) eta`` (a stored coefficient that
         underflowed is off by ``eta`` times its multiplier), and the computed entry is within
         ``sum_k |L_ik| w_k |R_jk| + K eta`` of the exact one, with ``w = gamma_K (dabs + a) + a`` (Higham, Ch. 3;
-        ``K`` counts the operations on the way, the other terms of the same block included). By Cauchy-Schwarz
-        the sum is at most ``l_i r_j`` with ``l_i = ||L_i sqrt(w)||``, ``r_j = ||R_j sqrt(w)||``. Inexact factors
-        add ``dL R + L dR + dL dR`` (same argument, weights ``|d| <= dabs + a``). The transposed entries (mirrored
-        blocks, and the symmetrised lower triangle of diagonal blocks) get the same bound, so each term
-        contributes rank-one pieces in both directions.
+        ``K`` counts the operations on the way, the other terms of the same block included), kept in factored form
+        ``|L| diag(w) |R|^T``. Inexact factors add ``dL R + L dR + dL dR`` (weights ``|d| <= dabs + a``). The
+        transposed entries (mirrored blocks, and the symmetrised lower triangle of diagonal blocks) get the same
+        bound, so each term contributes pieces in both directions.
         """
-        off = self.offsets
         per_block_terms: dict[tuple[int, int], int] = {}
         for t in self.terms:
             key = (min(t.row, t.col), max(t.row, t.col))
             per_block_terms[key] = per_block_terms.get(key, 0) + 1
-        pairs: list[tuple[int, np.ndarray, int, np.ndarray]] = []
-        diagonal = np.zeros(self.size)
+        pieces: list[tuple] = []
         yabs = np.abs(y)
         for t in self.terms:
-            dabs = t.magnitude(y)
             nnz_row = int(np.max(np.diff(t.coef.indptr))) if t.coef.nnz else 0
+            # |coef| |y| may underflow term by term (each lost product is below the smallest normal number).
+            dabs = t.magnitude(y) + (nnz_row + 1) * np.finfo(float).tiny
             k = t.rank + nnz_row + t.coef_ops + 4 + per_block_terms[(min(t.row, t.col), max(t.row, t.col))]
             pattern = abs(t.coef.sign()) @ yabs + (0.0 if t.const is None else (t.const != 0))
             absolute = (t.coef_ops * pattern + nnz_row + 2) * _SUBNORMAL
             # The bound itself is computed in floating point: inflate by a relative margin far above its own
             # rounding error (p * u).
-            margin = (1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF) ** 2
+            margin = 1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF
             weight = (gamma(k) * (dabs + absolute) + absolute) * margin
             true = (dabs + absolute) * margin
-            underflow = (k + 2) * _SUBNORMAL
+            underflow = np.full(t.rank, (k + 2) * _SUBNORMAL)
             if t.left is None and t.right is None and t.row == t.col:
-                rows = slice(off[t.row], off[t.row + 1])
-                diagonal[rows] += (weight + underflow) * (2 if t.mirror else 1)
+                pieces.append((t.row, None, (weight + underflow) * (2 if t.mirror else 1), t.row, None, False))
                 continue
-            pieces = [(_row_norms(t.left, weight), _row_norms(t.right, weight)),
-                      (np.full(t.left.shape[0] if t.left is not None else t.rank, underflow),
-                       np.ones(t.right.shape[0] if t.right is not None else t.rank))]
-            if t.left_err is not None or t.right_err is not None:
-                lrow, rrow = _row_norms(t.left, true), _row_norms(t.right, true)
-                lerr = _row_norms(t.left_err, true) if t.left_err is not None else np.zeros_like(lrow)
-                rerr = _row_norms(t.right_err, true) if t.right_err is not None else np.zeros_like(rrow)
-                # dL R + L dR + dL dR <= dl (r + dr) + l dr
-                pieces += [(lerr, rrow + rerr), (lrow, rerr)]
-            for u, v in pieces:
-                if np.any(u) and np.any(v):
-                    pairs.append((t.row, u, t.col, v))
-                    pairs.append((t.col, v, t.row, u))
-        return EntrywiseBound(tuple(int(b) for b in self.block_sizes), tuple(pairs), diagonal)
+            # (left, weights, right, support): float error, underflow, inexact factors dL R + L dR + dL dR
+            parts = [(t.left, weight, t.right, False), (t.left, underflow, t.right, True)]
+            if t.left_err is not None:
+                right_abs = np.abs(t.right) if t.right is not None else np.eye(t.rank)
+                if t.right_err is not None:
+                    right_abs = right_abs + t.right_err
+                parts.append((t.left_err, true, right_abs, False))
+            if t.right_err is not None:
+                parts.append((t.left, true, t.right_err, False))
+            for left, w, right, support in parts:
+                pieces.append((t.row, left, w, t.col, right, support))
+                pieces.append((t.col, right, w, t.row, left, support))
+        return EntrywiseBound(tuple(int(b) for b in self.block_sizes), tuple(pieces))
 
     def vectorized(self, n_vars: int) -> tuple[sp.csr_matrix, np.ndarray]:
         """Sparse ``F`` (N^2 x n_vars) and ``f0`` (N^2) with ``vec(M(y)) = F y + f0`` (column-major vec)."""
@@ -357,4 +376,5 @@ class Program:
         v = float(self.objective @ y)
         if self.output_map == "sqrt":
             v = float(np.sqrt(max(v, 0.0)))
-        return float(np.ldexp(v, self.scale_exponent))
+        with np.errstate(over="ignore"):
+            return float(np.ldexp(v, self.scale_exponent))
