@@ -103,7 +103,7 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
             continue
         if not math.isfinite(weight):
             return failed("the LMI is not strictly feasible and no finite norm bound B exists for its signals "
-                          "(non-contractive implicit layer)", deltas)
+                          "(a non-contractive implicit layer, or a norm bound beyond the float range)", deltas)
         total += Fraction(delta) * Fraction(weight)
     scale = Fraction(2) ** program.scale_exponent
     total = max(total, Fraction(0))

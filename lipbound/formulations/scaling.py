@@ -46,12 +46,14 @@ import numpy as np
 
 from lipbound.formulations.signal import Lin, SignalModel
 from lipbound.network import GroupSortLayer, HouseholderLayer, SlopeRestricted
-from lipbound.rigorous import spectral_norm_estimate
 
 #: Largest spread (in powers of two) of per-neuron factors inside one block that LipSDP-Layer keeps as one factor.
 LAYER_SPREAD = 6
-#: Power-iteration restarts and steps of the worst-direction search.
-_STARTS, _STEPS = 3, 25
+#: Power-iteration restarts and (at most) steps of the worst-direction search; it stops when a step gains less than
+#: _GAIN_TOL in log2.
+_STARTS, _STEPS, _GAIN_TOL = 2, 25, 1e-3
+#: Power iterations for the norm estimates.
+_POWER_STEPS = 8
 #: Balancing sweeps over the blocks.
 _SWEEPS = 4
 
@@ -84,10 +86,21 @@ class _Map:
         return None if self.mat is None else self.mat * self.mat
 
     def log2_norm(self) -> float:
+        """log2 of an estimate of the spectral norm (a few power iterations: scaling needs no more)."""
         if self.mat is None:
             return float(self.power)
-        s = spectral_norm_estimate(self.mat, rtol=1e-6)
-        return float(self.power) + (float(np.log2(s)) if s > 0 else -np.inf)
+        v = np.ones(self.mat.shape[1]) / np.sqrt(self.mat.shape[1])
+        estimate = 0.0
+        for _ in range(_POWER_STEPS):
+            u = self.mat @ v
+            v = self.mat.T @ u
+            norm = float(np.linalg.norm(v))
+            if norm == 0.0 or not np.isfinite(norm):
+                break
+            estimate, v = np.sqrt(norm), v / norm
+        if estimate == 0.0:  # the start vector may lie in the null space: the largest entry is a lower bound
+            estimate = float(np.max(np.abs(self.mat), initial=0.0))
+        return float(self.power) + (float(np.log2(estimate)) if estimate > 0 else -np.inf)
 
 
 def _lin_map(lin: Lin) -> _Map:
@@ -249,11 +262,13 @@ class _Graph:
             x = rng.standard_normal(self.sizes[0])
             x /= np.linalg.norm(x)
             slopes = [t.copy() for t in self.beta]
+            previous = -np.inf
             for _ in range(_STEPS):
                 _, _, zs, y, ly = self._forward(x, slopes)
-                if not np.isfinite(ly) or not np.any(y):
+                if not np.isfinite(ly) or not np.any(y) or ly < previous + _GAIN_TOL:
+                    best = max(best, ly) if np.isfinite(ly) else best
                     break
-                best = max(best, ly)
+                best, previous = max(best, ly), ly
                 grad, signs = self._backward(y, slopes, zs)
                 for k, layer in enumerate(self.layers):
                     if isinstance(layer, SlopeRestricted):
