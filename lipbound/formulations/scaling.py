@@ -363,9 +363,18 @@ def _groups(layer) -> np.ndarray | None:
 
 def choose_exponents(model: SignalModel, slope_mode: str, slope_exp: list[np.ndarray]) -> tuple:
     """Scaling exponents ``(e_in, E_1, ..., E_m, e_out)`` for :func:`~lipbound.formulations.lipschitz_problem`,
-    from the data (see the module docstring); ``E_k`` is an int (one factor for the block), a tuple of ints (one
+    from the data (see the module docstring); ``E_k`` is an int (one factor for the block), a list of ints (one
     power of two per neuron) or ``{"exponents": [...], "factors": [...]}`` (real factors, for ``"layer"`` on badly
-    balanced blocks). ``slope_exp``: the slope normalisation (:func:`slope_exponents`)."""
+    balanced blocks). ``slope_exp``: the slope normalisation (:func:`slope_exponents`).
+
+    Examples
+    --------
+    >>> import numpy as np, lipbound
+    >>> from lipbound.formulations.signal import signal_model
+    >>> model = signal_model(lipbound.from_weights([np.diag([1e8, 1e-8]), np.diag([1e-8, 1e8])], "relu"))
+    >>> choose_exponents(model, "neuron", [np.zeros(2, dtype=int)])
+    (27, [27, -27], 0)
+    """
     graph = _Graph(model, slope_exp)
     gains, out_np = graph.norm_product_gains()
     depth, depth_out = graph.depths()
