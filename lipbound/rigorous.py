@@ -83,27 +83,40 @@ def exact_sum(values) -> Fraction:
     return sum((Fraction(float(v)) for v in values), Fraction(0))
 
 
-def _cholesky_succeeds(a: np.ndarray, device: str | None) -> bool:
-    """Whether floating-point Cholesky of ``a`` runs to completion with finite positive pivots.
+def _cholesky_weight(a: np.ndarray, device: str | None) -> float | None:
+    """Factor ``a`` in floating point; None unless the factorisation completes with finite positive pivots, else
+    an upper bound on ``max_i (|G| |G|^T 1)_i`` for the computed factor ``G`` (``a ~ G G^T``).
 
     On CUDA this uses cuSOLVER through torch: IEEE binary64 with round-to-nearest and FMA, covered by the same
-    ``gamma_k`` analysis as LAPACK (any summation order), with the doubled constant of Rump's test.
+    ``gamma_k`` analysis as LAPACK (any summation order), with the doubled constant of Rump's test. The row sums
+    are sums of non-negative products, inflated by far more than their rounding error.
     """
+    n = a.shape[0]
     if device is not None and str(device).startswith("cuda"):
         import torch
 
         t = torch.as_tensor(a, dtype=torch.float64, device=device)
         factor, info = torch.linalg.cholesky_ex(t)
         if int(info) != 0:
-            return False
+            return None
         d = torch.diagonal(factor)
-        return bool(torch.all(torch.isfinite(d)) and torch.all(d > 0))
-    try:
-        factor = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return False
-    d = np.diag(factor)
-    return bool(np.all(np.isfinite(d)) and np.all(d > 0))
+        if not bool(torch.all(torch.isfinite(d)) and torch.all(d > 0)):
+            return None
+        g = factor.abs()
+        top = float((g @ (g.T @ torch.ones(n, dtype=torch.float64, device=device))).max())
+    else:
+        try:
+            factor = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+            return None
+        d = np.diag(factor)
+        if not (np.all(np.isfinite(d)) and np.all(d > 0)):
+            return None
+        g = np.abs(factor)
+        top = float(np.max(g @ (g.T @ np.ones(n))))
+    if not math.isfinite(top):
+        return None
+    return math.nextafter(top * (1.0 + 4.0 * (n + 4) * UNIT_ROUNDOFF) + (n + 4) * 2.0**-1074, math.inf)
 
 
 def _envelope_bound(sqrt_diag: np.ndarray, pattern: BlockPattern) -> tuple[int, float, int]:
@@ -131,21 +144,26 @@ def _envelope_bound(sqrt_diag: np.ndarray, pattern: BlockPattern) -> tuple[int, 
     return width, math.nextafter(r, math.inf), k
 
 
-def _rump_constant(diag: np.ndarray, pattern: BlockPattern | None) -> Fraction:
-    """Rump's ``c`` (doubled, see :func:`rump_positive_definite`) for a matrix with diagonal ``diag`` (all > 0)."""
+def _rump_constant(diag: np.ndarray, pattern: BlockPattern | None, weight: float | None = None) -> Fraction:
+    """Rump's ``c`` (doubled, see :func:`rump_positive_definite`) for a matrix with diagonal ``diag`` (all > 0).
+
+    ``weight`` bounds ``|| |G| |G|^T ||_2`` for the Cholesky factor ``G``: a priori (``None``) from the diagonal
+    (``tr`` or the envelope row-sum bound), or a posteriori from a computed factor.
+    """
     n = diag.size
-    # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
-    weight = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
     maxdiag = Fraction(float(np.max(diag)))
     if pattern is not None:
         width, r, _ = _envelope_bound(next_up(np.sqrt(diag)), pattern)
         nu = (width + 1) * _U
-        weight = min(weight, Fraction(r))
     else:
         nu = (n + 1) * _U
+    if weight is None:
+        # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
+        prior = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
+        weight = min(prior, Fraction(r)) if pattern is not None else prior
     if 3 * nu >= 1:
         raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
-    return 2 * ((nu / (1 - nu)) * weight + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
+    return 2 * ((nu / (1 - nu)) * Fraction(weight) + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
 
 
 def rump_shift(diag: np.ndarray, radius: float = 0.0, pattern: BlockPattern | None = None) -> float:
@@ -183,6 +201,11 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     definiteness, and ``c`` is then relative to each row's own magnitude instead of the largest one (Cholesky
     itself is invariant under such scalings, van der Sluis). Badly scaled LMIs (multipliers from ``1e-11`` to
     ``1``) are proved to their own precision this way.
+
+    **A posteriori constant.** The bound ``|Delta| <= gamma |G| |G|^T`` on the backward error holds for the computed
+    factor itself (Higham, Thm 10.3), so a shift smaller than the a priori one is proved by the factor it
+    produces when ``gamma max_i (|G| |G|^T 1)_i`` (computed upward) fits in it; the a priori shift is the
+    fallback.
 
     **Perturbations.** For a perturbation ``E`` with ``|D E D|`` of row sums ``r_i`` (from ``bound``, or ``radius``
     on every structurally non-zero entry), row ``i`` is shifted by ``c + r_i``: ``D E D >= -diag(r)`` (Gershgorin),
@@ -245,12 +268,32 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     if np.any(inexact):  # underflow while scaling: each such entry is off by at most 2^-1075
         rows = next_up(rows + np.count_nonzero(inexact, axis=1) * 2.0**-1074)
     sdiag = np.diag(scaled)
-    shift = next_up(round_up(_rump_constant(sdiag, pattern)) + rows)
-    shifted_diag = next_down(sdiag - shift)
-    if not np.all(np.isfinite(shifted_diag)) or np.any(shifted_diag <= 0):
-        return False
-    np.fill_diagonal(scaled, shifted_diag)
-    return _cholesky_succeeds(scaled, device)
+
+    def factor_with_shift(c: float) -> float | None:
+        shifted_diag = next_down(sdiag - next_up(c + rows))
+        if not np.all(np.isfinite(shifted_diag)) or np.any(shifted_diag <= 0):
+            return None
+        shifted = scaled.copy()
+        np.fill_diagonal(shifted, shifted_diag)
+        return _cholesky_weight(shifted, device)
+
+    # A posteriori first: the computed factor's |G| |G|^T is usually far below the a priori bound, so a smaller
+    # shift is tried and then justified by the factor it produced (Higham Thm 10.3 holds for the computed factor).
+    prior = round_up(_rump_constant(sdiag, pattern))
+    for trial in (prior / 16, None):
+        if trial is None:
+            return factor_with_shift(prior) is not None  # the a priori constant: success alone proves
+        weight = factor_with_shift(trial)
+        if weight is None:
+            continue
+        needed = round_up(_rump_constant(sdiag, pattern, weight))
+        if needed <= trial:
+            return True
+        if needed < prior:
+            again = factor_with_shift(needed * 1.25)
+            if again is not None and round_up(_rump_constant(sdiag, pattern, again)) <= needed * 1.25:
+                return True
+    return False
 
 
 def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:

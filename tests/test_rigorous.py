@@ -249,3 +249,19 @@ def test_norm_bounds_at_mixed_magnitudes(w, exact):
     bound = spectral_norm_bound(w)
     assert exact <= bound <= exact * (1 + Fraction(1, 10**6)) + Fraction(1, 2**1000)
     assert frobenius_bound(w) >= exact
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 9), st.integers(0, 10_000), st.floats(8.0, 17.0), st.booleans(), st.integers(0, 40))
+def test_rump_never_claims_a_nearly_singular_indefinite_matrix(n, seed, digits, below, spread):
+    # Smallest eigenvalue within 1e-8..1e-17 of zero (either side), diagonal scaled apart: where the a posteriori
+    # constant (smaller shifts) and equilibration act. The exact rational factorisation is the oracle.
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((n, n))
+    a = b @ b.T
+    a = np.tril(a) + np.tril(a, -1).T
+    a[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] + (1 if below else -1) * 10.0**-digits
+    e = rng.integers(-spread, spread + 1, n)
+    a = np.ldexp(a, e[:, None] + e[None, :])
+    if rump_positive_definite(a):
+        assert exact_is_positive_definite(a)
