@@ -223,13 +223,16 @@ def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, de
         rho = optimal_rho(solve_program or program, y, device)
         if rho is not None:
             found = _enlarged_rho(program, y, rho, device) if rho > 0 else None
-            if found is not None:
+            if found is not None and found[1][program.rho_index] <= rho * (1 + 2.0**-20):
                 return found[0], found[1], raw
+            # A large enlargement (a poorly centred point): the repair may do better, keep the smaller bound.
             y2 = y.copy()
             y2[program.rho_index] = rho
             report = check_program(program, y2, device, rho_on_boundary=rho > 0)
-            if report.certified:
-                return report, y2, raw
+            candidates = [c for c in (found, (report, y2) if report.certified else None) if c is not None]
+            if candidates:
+                best = min(candidates, key=lambda c: c[0].bound)
+                return best[0], best[1], raw
     report = check_program(program, y, device)
     return report, y, _replace(report, eigen_defects=defects)
 
