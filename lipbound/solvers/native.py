@@ -98,6 +98,8 @@ log = logging.getLogger("lipbound")
 _OPTIONS = ("step_fraction", "lanczos_steps", "threads", "strategy", "schur_precision")
 # Rounding error of an assembled slack entry, in units of its terms' magnitude (16 unit roundoffs).
 _ROUNDING_FLOOR = 16 * 2.0**-53
+#: A stopped run whose best answer is within this factor of tol is "optimal_inaccurate".
+_INACCURATE = 10.0
 SCHUR_PRECISIONS = ("float64", "float32", "tf32")
 STRATEGIES = ("auto", "dense", "chordal")
 
@@ -200,7 +202,8 @@ class NativeSolver:
         Returns
         -------
         SolveResult
-            ``status`` is ``"optimal"`` when ``tol`` was met, else ``"max_iter"`` or ``"stalled"``
+            ``status`` is ``"optimal"`` when ``tol`` was met, ``"optimal_inaccurate"`` when the run stopped (numerical
+            trouble, no progress, the iteration limit) within ``10 tol``, else ``"max_iter"`` or ``"stalled"``
             with the best iterate (the strictly dual-feasible one of lowest objective when there is one, since
             each of those is a valid answer, else the one of smallest residuals); ``info`` has ``gap``
             (relative), ``iterations``, ``device``, ``primal_infeasibility``, ``dual_infeasibility``,
@@ -503,6 +506,11 @@ class _Run:
         # Without convergence (e.g. the primal residual stagnating while the dual iterates still improve), return
         # the dual-feasible iterate with the lowest objective if there is one, else the one of smallest merit.
         _, y_best, info_best = best if best_feasible[1] is None else best_feasible
+        merit = max(info_best[k] for k in ("gap", "primal_infeasibility", "dual_infeasibility", "rounding_floor"))
+        if merit <= _INACCURATE * self.tol:
+            # Numerical trouble at the last digits (a Schur matrix that stops being positive definite, steps that
+            # stop gaining) with the answer within a small factor of tol: cvxpy's name for it.
+            status = "optimal_inaccurate"
         return y_best.cpu().numpy(), status, info_best
 
     def _iterate(self, y: torch.Tensor, xs: list[torch.Tensor], zs: list[torch.Tensor], x_lp: torch.Tensor,
