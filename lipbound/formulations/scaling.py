@@ -164,6 +164,7 @@ class _Graph:
                 mp = _Map.of(np.ldexp(dense, slope_exp[b - 1][None, :]), mp.power)
             self.output[b] = mp
         self.layers = [s.layer for s in model.stages]
+        self.choice = [self._identity_choice(layer) for layer in self.layers]
         self.alpha, self.beta, self.top = [], [], []
         for layer, g in zip(self.layers, slope_exp, strict=True):
             if isinstance(layer, SlopeRestricted):
@@ -206,7 +207,7 @@ class _Graph:
                     parts.append(mp.apply(vs[b]))
                     scales.append(mp.power + logs[b])
             z, lz = _combine(parts, scales, self.sizes[k])
-            v = slopes[k - 1] * z
+            v = self._jacobian(k - 1, slopes[k - 1], z)
             if k in self.incoming[k]:  # implicit layer: v = S (P_kk v + z)
                 loop = self.incoming[k][k]
                 factor = np.exp2(float(loop.power))
@@ -224,10 +225,12 @@ class _Graph:
         y, ly = _combine(parts, [mp.power + logs[b] for b, mp in self.output.items()], None)
         return vs, logs, zs, y, ly
 
-    def _backward(self, u: np.ndarray, slopes: list[np.ndarray], zs) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Adjoint of the input, and the sign of each neuron's effect on ``u^T y`` per unit slope."""
+    def _backward(self, u: np.ndarray, slopes: list[np.ndarray], zs) -> tuple[np.ndarray, list, list]:
+        """Adjoint of the input, the sign of each neuron's effect on ``u^T y`` per unit slope, and the adjoint of
+        each stage's output."""
         adj_z: list[tuple[np.ndarray, float] | None] = [None] * (self.m + 1)
         signs: list[np.ndarray] = [np.zeros(n) for n in self.sizes[1:]]
+        adjoints: list[np.ndarray] = [np.zeros(n) for n in self.sizes[1:]]
         for k in range(self.m, -1, -1):
             parts, scales = [], []
             if k in self.output:
@@ -240,8 +243,9 @@ class _Graph:
                     scales.append(self.incoming[j][k].power + lg)
             a, la = _combine(parts, scales, self.sizes[k])
             if k == 0:
-                return a, signs
+                return a, signs, adjoints
             signs[k - 1] = np.sign(a * zs[k])
+            adjoints[k - 1] = a
             if k in self.incoming[k]:
                 loop = self.incoming[k][k]
                 factor = np.exp2(float(loop.power))
@@ -251,8 +255,52 @@ class _Graph:
                         a = np.linalg.solve(m, a)
                     except np.linalg.LinAlgError:
                         pass
-            adj_z[k] = _normalised(slopes[k - 1] * a, la)
+            adj_z[k] = _normalised(self._jacobian(k - 1, slopes[k - 1], a, transpose=True), la)
         raise AssertionError("unreachable")
+
+    def _jacobian(self, i: int, slopes: np.ndarray, z: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """The chosen Jacobian of stage ``i`` (or its transpose) applied to ``z``: the diagonal ``slopes`` of a
+        slope-restricted layer, a permutation within each group of a GroupSort layer (``self.choice[i]``: the
+        source of each output), the identity or the reflection per group of a Householder layer."""
+        layer, choice = self.layers[i], self.choice[i]
+        if isinstance(layer, GroupSortLayer):
+            if transpose:
+                out = np.zeros_like(z)
+                out[choice] = z
+                return out
+            return z[choice]
+        if isinstance(layer, HouseholderLayer):
+            g = z.reshape(layer.n_groups, layer.group_size)
+            proj = np.sum(g * layer.vectors, axis=1, keepdims=True)
+            return np.where(choice[:, None], g - 2 * proj * layer.vectors, g).reshape(-1)
+        return slopes * z
+
+    def _choose(self, i: int, adjoint: np.ndarray, z: np.ndarray) -> None:
+        """Greedy update of a group layer's Jacobian: the choice that maximises ``adjoint^T J z`` (for a
+        permutation, pairing the groups' sorted entries: the rearrangement inequality)."""
+        layer = self.layers[i]
+        if isinstance(layer, GroupSortLayer):
+            n, g = layer.n_groups, layer.group_size
+            base = (np.arange(n) * g)[:, None]
+            order_a = np.argsort(adjoint.reshape(n, g), axis=1) + base
+            order_z = np.argsort(z.reshape(n, g), axis=1) + base
+            choice = np.empty(layer.width, dtype=np.int64)
+            choice[order_a.reshape(-1)] = order_z.reshape(-1)
+            self.choice[i] = choice
+        elif isinstance(layer, HouseholderLayer):
+            a = adjoint.reshape(layer.n_groups, layer.group_size)
+            g = z.reshape(layer.n_groups, layer.group_size)
+            pa, pz = np.sum(a * layer.vectors, axis=1), np.sum(g * layer.vectors, axis=1)
+            # a^T (I - 2 v v^T) z - a^T z = -2 (v^T a)(v^T z): reflect where that is positive
+            self.choice[i] = pa * pz < 0
+
+    @staticmethod
+    def _identity_choice(layer):
+        if isinstance(layer, GroupSortLayer):
+            return np.arange(layer.width)
+        if isinstance(layer, HouseholderLayer):
+            return np.zeros(layer.n_groups, dtype=bool)
+        return None
 
     def worst_direction_gain(self, seed: int = 0) -> float | None:
         """log2 of the largest ``||J x|| / ||x||`` found (a lower estimate of the Lipschitz constant), or None."""
@@ -262,6 +310,7 @@ class _Graph:
             x = rng.standard_normal(self.sizes[0])
             x /= np.linalg.norm(x)
             slopes = [t.copy() for t in self.beta]
+            self.choice = [self._identity_choice(layer) for layer in self.layers]
             previous = -np.inf
             for _ in range(_STEPS):
                 _, _, zs, y, ly = self._forward(x, slopes)
@@ -269,10 +318,12 @@ class _Graph:
                     best = max(best, ly) if np.isfinite(ly) else best
                     break
                 best, previous = max(best, ly), ly
-                grad, signs = self._backward(y, slopes, zs)
+                grad, signs, adjoints = self._backward(y, slopes, zs)
                 for k, layer in enumerate(self.layers):
                     if isinstance(layer, SlopeRestricted):
                         slopes[k] = np.where(signs[k] >= 0, self.beta[k], self.alpha[k])
+                    elif (k + 1) not in self.incoming[k + 1]:  # implicit layers keep the identity
+                        self._choose(k, adjoints[k], zs[k + 1])
                 norm = float(np.linalg.norm(grad))
                 if not np.isfinite(norm) or norm == 0.0:
                     break
