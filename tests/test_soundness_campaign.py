@@ -13,6 +13,7 @@ from lipbound import Ball, Box, Network
 from lipbound.certificate import Certificate
 from lipbound.cli import main
 from lipbound.errors import FormulationError, LipboundError, SolverError
+from lipbound.graph import GraphNetwork
 from lipbound.soundness import (
     DEFAULT_TRIALS,
     FAMILIES,
@@ -46,12 +47,23 @@ def test_default_campaign_finds_no_violation_and_no_crash(tmp_path):
     assert all(name in table for name in FAMILIES) and "violations" in table
 
 
+#: Families that import models while drawing (torch, ONNX): a refused import is a campaign finding, not a draw.
+IMPORTING = ("cnn", "onnx")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_families_draw_valid_reproducible_cases(family):
+    drawn = 0
     for i in range(4):
         seed = trial_seed(3, i)
-        case = reproduce(family, seed)
-        assert isinstance(case.network, Network) and case.runs and case.variant
+        try:
+            case = reproduce(family, seed)
+        except LipboundError:
+            if family not in IMPORTING:
+                raise
+            continue
+        drawn += 1
+        assert isinstance(case.network, (Network, GraphNetwork)) and case.runs and case.variant
         assert case.network.summary() == reproduce(family, seed).network.summary()
         if case.domain is not None:
             assert case.domain.dim == case.network.input_dim
@@ -61,6 +73,7 @@ def test_families_draw_valid_reproducible_cases(family):
             assert case.exact >= 0 and case.exact_kind
         labels = [r.label for r in case.runs]
         assert len(labels) == len(set(labels))
+    assert drawn >= 2
     with pytest.raises(LipboundError, match="unknown soundness family 'nope'"):
         reproduce("nope", 1)
 
