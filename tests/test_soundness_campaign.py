@@ -210,3 +210,22 @@ def test_cli_bench_soundness(tmp_path, capsys, monkeypatch):
     _fake_certify(monkeypatch, 0.0)
     assert main(["bench", "soundness", "--trials", "1", "--families", "exact", "--out", str(tmp_path)]) == 3
     assert "violation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error, status", [(lipbound.UnsupportedLayerError([("act", "Where")], "hint"), "refused"),
+                                           (RuntimeError("importer bug"), "crash")])
+def test_a_failed_draw_is_a_refusal_or_a_crash(monkeypatch, error, status):
+    """Families that import models call the library while drawing: its errors are findings, reported with the
+    trial (a pseudo-run 'draw'), and the campaign goes on."""
+    def sample(rng):
+        raise error
+
+    monkeypatch.setitem(FAMILIES, "onnx", FAMILIES["onnx"].__class__("onnx", "patched", sample))
+    rec = run_trial("onnx", 5)
+    (run,) = rec["runs"]
+    assert run["run"] == "draw" and run["status"] == status and "reproduce('onnx', 5)" in run["reproduce"]
+    assert type(error).__name__ in run.get("reason", run.get("error"))
+    summary = run_campaign(trials=1, families=["onnx"])["summary"]["onnx"]
+    assert summary[status] == 1 and summary["certificates"] == 1
+    assert ("traceback" in run) == (status == "crash")
+    assert (len(summary["failures"]) == 1) == (status == "crash")

@@ -308,8 +308,9 @@ class _Gain(nn.Module):
 
 
 class _Block(nn.Module):
-    """``act(bn(gain * conv(x)))``, then optionally a skip ``h + c * conv2(act2(h))`` (or ``h - ...``), or a channel
-    concatenation ``cat([h, conv2(h)[:, :k]])``, then optionally a pooling layer."""
+    """``h = act(bn(gain * conv(x)))``, then optionally a skip ``h + c * conv2(act2(h))`` (``c`` of either sign;
+    two activations in a row, as written) or a channel concatenation ``cat([h, conv2(h)[:, :k]])``, then
+    optionally a pooling layer."""
 
     def __init__(self, conv, gain, bn, act, skip=None, skip_act=None, skip_gain=1.0, concat=None, keep=0,
                  pool=None):

@@ -100,11 +100,13 @@ class Reference:
     >>> ref.ctx.nstr(ref.ratio([0.0], [1.0]), 8)   # 1e-300 tanh(1e-300), below float64's range
     '1.0e-600'
     >>> from lipbound.graph import GraphBuilder
-    >>> b = GraphBuilder((2,))
-    >>> h = b.activation(b.linear(b.input, np.array([[1.0, 0.0], [0.0, 1e-300]])), "relu")
-    >>> skip = Reference(b.build(b.add([b.input, h], [0.5, 2.0])))
-    >>> [skip.ctx.nstr(v, 6) for v in skip([1.0, 1.0])]   # (0.5 + 2, 0.5 + 2e-300)
-    ['2.5', '0.5']
+    >>> b = GraphBuilder((1,))
+    >>> h = b.activation(b.linear(b.input, np.array([[1e-300]])), "relu")
+    >>> tiny = np.array([[1e-300]])
+    >>> out = b.concat([b.add([b.linear(h, tiny), b.linear(h, tiny)], [1.0, 2.0]), h])   # a graph
+    >>> graph = Reference(b.build(out))
+    >>> [graph.ctx.nstr(v, 6) for v in graph([1.0])]   # float64 would give 0 for 3e-600
+    ['3.0e-600', '1.0e-300']
     """
 
     def __init__(self, network: Network | GraphNetwork, prec: int = PREC):
