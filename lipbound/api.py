@@ -218,8 +218,9 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         layers are handled inside the SDP.
     norm : {"l2", "linf"}
         ``linf`` bounds ``|f_i(x) - f_i(x')| <= L ||x - x'||_inf`` for the scalar output ``output_index``.
-    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native"}
-        ``auto`` picks by LMI size and logs the choice.
+    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native", "native-dense", "native-chordal"}
+        ``auto`` picks by LMI size and logs the choice. ``native`` chooses the dense or chordal layout of each LMI
+        from a cost model; ``native-dense`` / ``native-chordal`` force one.
     input_shape : int or tuple, optional
         For ``nn.Module`` inputs.
     activation : str
@@ -280,10 +281,12 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         log.info("%s: local slope ranges on the %s domain (%s)", method, type(domain).__name__, bounds_method)
     network = localise(network, domain, bounds_method)
     if method == "mp":
-        bound, estimate = product_bound(network, norm, output_index)
-        return Certificate(bound, True, estimate, method, "closed-form", norm, "closed_form",
+        bound, estimate, scaling = product_bound(network, norm, output_index)
+        finite = math.isfinite(bound)
+        return Certificate(bound if finite else None, finite, estimate, method, "closed-form", norm, "closed_form",
+                           reason="" if finite else "the product bound overflows the float64 range",
                            time_s=time.perf_counter() - start, sizes=sizes, network=network.summary(),
-                           options=options)
+                           options=options, exponents=list(scaling))
     log.info("%s: formulating the %s program", method, norm)
     problem = build_problem(network, method, norm, output_index, coupled, reduce_input=reduce_input)
     t_form = time.perf_counter() - start
@@ -294,7 +297,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     t_solve = time.perf_counter() - start - t_form
     log.info("%s: %s returned '%s' after %.2f s; rigorous check of its answer (LMI sizes %s)", method, solver_name,
              result.status, t_solve, [lmi.size for lmi in problem.program.lmis])
-    device = solver_options.get("device") if solver_name == "native" else None
+    device = solver_options.get("device") if solver_name.startswith("native") else None
     report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device,
                                          solve_program=problem.solve_program)
     sizes.update(problem.program.sizes)
@@ -346,6 +349,33 @@ def _real_list(value, what: str, *, integers: bool = False) -> str:
     return ""
 
 
+def _exponents_problem(value) -> str:
+    """Why ``value`` is not a list of scaling entries (an integer, a list of integers, or ``{"exponents": [...],
+    "factors": [...]}`` per block, integers within +-_MAX_EXPONENT), or ``""``. Sizes are checked against the
+    network when the program is rebuilt."""
+    if not isinstance(value, (list, tuple)):
+        return f"exponents must be a list, got {type(value).__name__}"
+    for i, e in enumerate(value):
+        what = f"exponents[{i}]"
+        if isinstance(e, dict):
+            if set(e) != {"exponents", "factors"}:
+                return f"{what} must be {{'exponents': [...], 'factors': [...]}}, got keys {sorted(map(str, e))}"
+            problem = _real_list(e["exponents"], what + "['exponents']", integers=True) or \
+                _real_list(e["factors"], what + "['factors']")
+            ints = e["exponents"]
+        elif isinstance(e, (list, tuple)):
+            problem, ints = _real_list(e, what, integers=True), e
+        elif isinstance(e, bool) or not isinstance(e, numbers.Integral):
+            return f"{what} must be an integer, a list of integers or a dict, got {e!r}"
+        else:
+            problem, ints = "", [e]
+        if problem:
+            return problem
+        if any(abs(v) > _MAX_EXPONENT for v in ints):
+            return f"{what}: scaling exponents out of range (|e| <= {_MAX_EXPONENT})"
+    return ""
+
+
 def _parse_certificate(certificate) -> tuple[Certificate | None, str]:
     """The certificate as a :class:`Certificate` whose fields have the types the check needs, or the reason why
     it is not one. Accepts a Certificate, its ``to_dict()`` or its JSON text."""
@@ -388,13 +418,10 @@ def _parse_certificate(certificate) -> tuple[Certificate | None, str]:
     if opts.get("bounds_method", "crown") not in _BOUNDS_METHODS:
         return None, f"unknown bounds_method {opts.get('bounds_method')!r}"
     if c.method != "mp":
-        for value, what, integers in ((c.multipliers, "multipliers", False), (c.exponents, "exponents", True),
-                                      (c.deltas if c.deltas is not None else [], "deltas", False)):
-            problem = _real_list(value, what, integers=integers)
-            if problem:
-                return None, problem
-        if any(abs(e) > _MAX_EXPONENT for e in c.exponents):
-            return None, f"scaling exponents out of range (|e| <= {_MAX_EXPONENT}): {list(c.exponents)}"
+        problem = (_real_list(c.multipliers, "multipliers") or _exponents_problem(c.exponents)
+                   or _real_list(c.deltas if c.deltas is not None else [], "deltas"))
+        if problem:
+            return None, problem
         if any(d < 0 for d in c.deltas or []):
             return None, "deltas must be >= 0"
     return c, ""
@@ -453,10 +480,10 @@ def _verify(cert: Certificate, network: Network) -> Verification:
     opts = cert.options or {}
     network = localise(network, domain_from_dict(opts.get("domain")), opts.get("bounds_method", "crown"))
     if cert.method == "mp":
-        bound, _ = product_bound(network, cert.norm, opts.get("output_index"))
+        bound, _, _ = product_bound(network, cert.norm, opts.get("output_index"), tuple(cert.exponents) or None)
     else:
         problem = build_problem(network, cert.method, cert.norm, opts.get("output_index"),
-                                bool(opts.get("coupled", False)), tuple(int(e) for e in cert.exponents))
+                                bool(opts.get("coupled", False)), tuple(cert.exponents))
         report = check_program(problem.program, np.asarray(cert.multipliers, dtype=np.float64),
                                delta_hints=tuple(float(d) for d in cert.deltas) or None)
         if not report.certified:

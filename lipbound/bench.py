@@ -24,7 +24,8 @@ log = logging.getLogger("lipbound")
 @dataclass(frozen=True)
 class NetSpec:
     """A network to rebuild in a worker: ``kind="file"`` (path, activation, architecture) or ``"random"``
-    (dims, activation, seed, nonneg)."""
+    (dims, activation, seed, nonneg; ``spectral``: every weight divided by its spectral norm, else by the square
+    root of its input width)."""
 
     label: str
     kind: str
@@ -34,6 +35,7 @@ class NetSpec:
     architecture: str = "feedforward"
     seed: int = 0
     nonneg: bool = False
+    spectral: bool = False
     extra: dict = field(default_factory=dict)
 
     def build(self):
@@ -44,8 +46,9 @@ class NetSpec:
         rng = np.random.default_rng(self.seed)
         weights = []
         for i in range(len(self.dims) - 1):
-            w = rng.standard_normal((self.dims[i + 1], self.dims[i])) / np.sqrt(self.dims[i])
-            weights.append(np.abs(w) if self.nonneg else w)
+            w = rng.standard_normal((self.dims[i + 1], self.dims[i]))
+            w = np.abs(w) if self.nonneg else w
+            weights.append(w / np.linalg.norm(w, 2) if self.spectral else w / np.sqrt(self.dims[i]))
         return lipbound.from_weights(weights, self.activation)
 
 
@@ -134,11 +137,49 @@ LIPSDP_RUNS = [("mp", "auto", {}), ("lipsdp-neuron", "native", {}), ("lipsdp-neu
 QC_RUNS = [("mp", "auto", {}), ("lipsdp-nsr", "native", {}), ("lipsdp-nsr", "scs", {}),
            ("lipsdp-nsr", "native", {"coupled": True}), ("lipsdp-nsr", "native", {"norm": "linf", "output_index": 8}),
            ("lipsdp-nsr", "scs", {"norm": "linf", "output_index": 8})]
+#: Both layouts of the native solver next to its automatic choice (deep chains are where they differ).
+STRATEGY_RUNS = [("lipsdp-neuron", "native-dense", {}), ("lipsdp-neuron", "native-chordal", {})]
+DEEP_RUNS = LIPSDP_RUNS + STRATEGY_RUNS
+GLIPSDP_RUNS = [("mp", "auto", {}), ("lipsdp-neuron", "native", {})] + STRATEGY_RUNS
+
+#: Published times (seconds) of GLipSDP's MLP scalability study (``ppauli/GLipSDP``, Scalability/results/
+#: results_all_FC_trained*.mat; MATLAB, YALMIP, MOSEK 11): LipSDP solved by MOSEK, and GLipSDP, per hidden width
+#: and number of weight matrices of trained MNIST MLPs (the width x width stack only). Context, not a side-by-side
+#: measurement: other machine, other (trained) weights.
+GLIPSDP_PUBLISHED = {
+    16: {2: (0.005, 0.008), 4: (0.017, 0.017), 8: (0.066, 0.039), 16: (0.39, 0.087), 32: (2.25, 0.20),
+         64: (9.8, 0.38)},
+    32: {2: (0.018, 0.044), 4: (0.081, 0.15), 8: (0.42, 0.37), 16: (2.70, 0.82), 32: (11.3, 1.96),
+         64: (83.7, 3.95)},
+    64: {2: (0.11, 0.39), 4: (0.83, 1.90), 8: (2.85, 5.09), 16: (12.1, 14.1), 32: (96.1, 29.4),
+         64: (830.4, 65.9)},
+}
+GLIPSDP_WEIGHTS = ("random signed Gaussian weights, each divided by its spectral norm (seeded); GLipSDP's published "
+                   "times are for trained MNIST MLPs, of which only the width x width stack was analysed")
 
 
 def suite(name: str, sizes: list[int] | None = None, data_dir: str | Path | None = None) -> list[NetSpec]:
     """Networks of a benchmark suite: ``random`` (784-n-n-10 signed ReLU), ``deep`` (4-w-...-w-1 nonnegative,
-    exact value known), ``qc`` (the ICLR 2024 MaxMin networks in ``data_dir``)."""
+    exact value known), ``qc`` (the ICLR 2024 MaxMin networks in ``data_dir``), ``glipsdp-mlp`` (784-w-...-w-10
+    ReLU with d weight matrices, the shapes of GLipSDP's MLP table, random signed weights of spectral norm 1;
+    ``sizes`` filters widths or depths), ``threads`` (the thread-policy measurement's networks)."""
+    if name == "glipsdp-mlp":
+        out = []
+        for width, row in GLIPSDP_PUBLISHED.items():
+            for depth in row:
+                if sizes and width not in sizes and depth not in sizes:
+                    continue
+                out.append(NetSpec(f"glipsdp-{width}x{depth}", "random", dims=(784,) + (width,) * (depth - 1) + (10,),
+                                   seed=1000 * width + depth, spectral=True,
+                                   extra={"width": width, "matrices": depth}))
+        return out
+    if name == "threads":
+        specs = [NetSpec(f"784-{n}-{n}-10", "random", dims=(784, n, n, 10), seed=n) for n in (50, 100, 200, 400, 1000)]
+        specs += [NetSpec("4-20x100-1", "random", dims=(4,) + (20,) * 100 + (1,), seed=100, nonneg=True),
+                  NetSpec("glipsdp-64x16", "random", dims=(784,) + (64,) * 15 + (10,), seed=64016, spectral=True)]
+        if sizes:
+            specs = [s for s in specs if any(str(n) in s.label for n in sizes)]
+        return specs
     if name == "random":
         specs = [NetSpec(f"784-{n}-{n}-10", "random", dims=(784, n, n, 10), seed=n)
                  for n in (sizes or [20, 50, 100, 200, 400, 1000])]
@@ -161,7 +202,7 @@ def suite(name: str, sizes: list[int] | None = None, data_dir: str | Path | None
         if sizes:
             specs = [s for s in specs if any(f"_{n}" in s.label for n in sizes)]
         return specs
-    raise ValueError(f"unknown suite {name!r}; use random, deep or qc.")
+    raise ValueError(f"unknown suite {name!r}; use random, deep, qc, glipsdp-mlp or threads.")
 
 
 def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, sizes: list[int] | None = None,
@@ -174,7 +215,9 @@ def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = QC_RUNS if name == "qc" else LIPSDP_RUNS
+    if name == "threads":
+        return measure_threads(out, sizes, timeout, progress=progress, networks=networks)
+    runs = {"qc": QC_RUNS, "deep": DEEP_RUNS, "glipsdp-mlp": GLIPSDP_RUNS}.get(name, LIPSDP_RUNS)
     records = []
     skip_rest: set[tuple] = set()
     specs = suite(name, sizes)
@@ -195,12 +238,17 @@ def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, 
                                 "status": "skipped", "error": "a smaller network of this suite already timed out"})
                 continue
             options = dict(opts)
-            if solver == "native" and device:
+            if solver.startswith("native") and device:
                 options["device"] = device
             rec = run_isolated(spec, method, solver, timeout, **options)
             rec["hidden_neurons"] = int(sum(spec.dims[1:-1])) if spec.dims else None
             if exact is not None:
                 rec["exact"] = exact
+            if name == "glipsdp-mlp":
+                mosek, glip = GLIPSDP_PUBLISHED[spec.extra["width"]][spec.extra["matrices"]]
+                rec.update({"width": spec.extra["width"], "matrices": spec.extra["matrices"],
+                            "published_mosek_lipsdp_s": mosek, "published_glipsdp_s": glip,
+                            "weights": GLIPSDP_WEIGHTS})
             records.append(rec)
             if rec.get("status") in ("timeout", "killed"):
                 skip_rest.add(key)
@@ -210,11 +258,138 @@ def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, 
     return records
 
 
+#: Matrix orders of the thread-policy kernel measurements (``lipbound bench threads``).
+THREAD_ORDERS = (250, 500, 1000, 2000, 3000, 4000, 6000, 8000)
+
+
+def _kernel_worker(threads: int, orders: tuple[int, ...], queue) -> None:
+    """Time a float64 Cholesky factorisation and a product of each order with ``threads`` threads (median of 3)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rows = []
+    for n in orders:
+        gen = torch.Generator().manual_seed(n)
+        a = torch.randn(n, n, dtype=torch.float64, generator=gen)
+        spd = a @ a.T + n * torch.eye(n, dtype=torch.float64)
+        for kernel, fn in (("cholesky", lambda m=spd: torch.linalg.cholesky(m)), ("matmul", lambda m=a: m @ m)):
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            rows.append({"kernel": kernel, "order": n, "threads": threads, "time_s": float(np.median(times))})
+    queue.put(rows)
+
+
+def fit_crossover(kernels: list[dict], margin: float = 0.9) -> float:
+    """Smallest order from which, for every kernel and every larger measured order, the fastest multi-thread run
+    takes at most ``margin`` times the one-thread time (``inf`` if more threads never pay).
+
+    Examples
+    --------
+    >>> rows = [{"kernel": "cholesky", "order": n, "threads": t, "time_s": s}
+    ...         for n, t, s in [(500, 1, 1.0), (500, 8, 3.0), (2000, 1, 1.0), (2000, 8, 0.4)]]
+    >>> fit_crossover(rows)
+    2000.0
+    """
+    orders = sorted({k["order"] for k in kernels})
+    pays = {}
+    for n in orders:
+        ok = True
+        for kernel in {k["kernel"] for k in kernels}:
+            rows = [k for k in kernels if k["order"] == n and k["kernel"] == kernel]
+            one = [k["time_s"] for k in rows if k["threads"] == 1]
+            more = [k["time_s"] for k in rows if k["threads"] > 1]
+            ok &= bool(one and more and min(more) <= margin * one[0])
+        pays[n] = ok
+    for i, n in enumerate(orders):
+        if all(pays[m] for m in orders[i:]):
+            return float(n)
+    return float("inf")
+
+
+def measure_threads(out: Path, sizes: list[int] | None = None, timeout: float = 600.0, progress=print,
+                    networks: list[str] | None = None, orders: tuple[int, ...] = THREAD_ORDERS) -> list[dict]:
+    """``lipbound bench threads``: the data behind the native solver's thread policy, written to ``threads.json``.
+
+    Times dense kernels (Cholesky, product) of several orders with 1, 2, 4, ... threads (each thread count in a
+    fresh process) and fits the crossover order (:func:`fit_crossover`; the value for
+    :data:`lipbound.solvers.threads.CROSSOVER`); then solves the ``threads`` suite's networks with the policy and
+    with every forced thread count, so the JSON shows whether the policy is ever slower than a forced count.
+    """
+    from lipbound.solvers.threads import CROSSOVER, available_cores
+
+    cores = available_cores()
+    counts = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, cores) if t <= cores})
+    ctx = mp.get_context("spawn")
+    kernels: list[dict] = []
+    for t in counts:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_kernel_worker, args=(t, tuple(orders), queue))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            progress(f"kernels with {t} threads: no result within {timeout:.0f} s")
+            continue
+        if not queue.empty():
+            kernels += queue.get()
+        progress(f"kernels with {t} threads: " + ", ".join(f"{k['kernel']} {k['order']} {k['time_s']:.3g} s"
+                                                          for k in kernels if k["threads"] == t))
+    crossover = fit_crossover(kernels)
+    specs = suite("threads", sizes)
+    if networks:
+        specs = [s for s in specs if s.label in networks]
+    solves = []
+    for spec in specs:
+        for t in [None] + counts:
+            rec = run_isolated(spec, "lipsdp-neuron", "native", timeout, **({} if t is None else {"threads": t}))
+            rec["threads"] = "policy" if t is None else t
+            solves.append(rec)
+            progress(_line(rec) + f"  threads={rec['threads']}")
+    summary = {"cores": cores, "thread_counts": counts, "fitted_crossover": crossover, "current_crossover": CROSSOVER,
+               "note": "fitted_crossover is the value for lipbound/solvers/threads.py CROSSOVER", "kernels": kernels,
+               "solves": solves}
+    (out / "threads.json").write_text(json.dumps(summary, indent=2, default=float))
+    _plot_threads(solves, out / "threads.png")
+    return kernels + solves
+
+
+def _plot_threads(solves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["network"] for r in solves):
+        pts = sorted((r["threads"], r["time_s"]) for r in solves if r["network"] == label
+                     and isinstance(r["threads"], int) and r.get("upper_bound") is not None)
+        policy = [r["time_s"] for r in solves if r["network"] == label and r["threads"] == "policy"]
+        if pts:
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            if policy:
+                ax.axhline(policy[0], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("torch threads (dotted: the solver's policy)")
+    ax.set_ylabel("time [s]")
+    ax.set_title("lipbound bench threads")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def _line(r: dict) -> str:
     value = r.get("upper_bound")
     shown = "-" if value is None else f"{value:.7g}"
     flag = "" if r.get("certified", True) else " (uncertified)"
     extra = f" exact {r['exact']:.7g}" if "exact" in r else ""
+    if "published_glipsdp_s" in r:
+        extra += f" [published: MOSEK {r['published_mosek_lipsdp_s']:g} s, GLipSDP {r['published_glipsdp_s']:g} s]"
     solver = r.get("solver", r["solver_requested"]) + (" (unreduced)" if r.get("reduce_input") is False else "")
     return (f"{r['network']:<22}{r['method']:<15}{solver:<13}"
             f"{r.get('norm', 'l2'):<5}{shown:>14}{flag}{extra}  {r['time_s']:.2f} s  "

@@ -53,7 +53,8 @@ class CheckReport:
 
 
 def check_program(program: Program, y: np.ndarray, device: str | None = None,
-                  delta_hints: tuple[float, ...] | None = None, rho_on_boundary: bool = False) -> CheckReport:
+                  delta_hints: tuple[float, ...] | None = None, rho_on_boundary: bool = False,
+                  strict_rho: bool = False) -> CheckReport:
     """Rigorously bound the program's output from multipliers ``y`` (any source, any accuracy).
 
     Negative values of sign-constrained multipliers make the certificate invalid (callers clip
@@ -61,6 +62,12 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
     and the Cholesky factorisations of Rump's test on the GPU. ``delta_hints`` (one per LMI, e.g. from a saved
     certificate) are tried first and proved again. ``rho_on_boundary``: ``rho`` was re-optimised to make its LMI
     singular, so ``delta = 0`` is not attempted there (it cannot be proved; the attempt costs a factorisation).
+    ``strict_rho``: the LMI holding ``rho`` must be proved with ``delta = 0`` (no repair), else the check fails
+    at once (used to try slightly enlarged ``rho``).
+
+    The reported bound is ``2^scale_exponent * g(objective @ y + sum_t delta_t B_t)``, evaluated exactly in
+    rationals and rounded up once, at every magnitude: it is ``+inf`` (and not certified) when it overflows, and
+    never rounds to 0 unless it is exactly 0.
     """
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     empty = CheckReport(False, None, math.nan, (), (), tuple(program.repair_weights))
@@ -74,34 +81,35 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
     objective = sum((Fraction(float(c)) * Fraction(float(v)) for c, v in zip(program.objective, y, strict=True)
                      if c != 0), Fraction(0))
     total = objective
+
+    def failed(reason: str, deltas) -> CheckReport:
+        return CheckReport(False, None, float(objective), tuple(deltas), (), tuple(program.repair_weights),
+                           reason=reason)
+
     deltas: list[float] = []
     for t, (lmi, weight) in enumerate(zip(program.lmis, program.repair_weights, strict=True)):
         m = lmi.assemble(y)
-        radius = lmi.rounding_radius(y)
+        bound = lmi.rounding_bound(y)
         hint = None if not delta_hints or t >= len(delta_hints) else float(delta_hints[t])
+        strict = strict_rho and t == program.rho_lmi
         try:
-            delta = negative_semidefinite_defect(m, radius, device=device, first=hint, pattern=lmi.pattern,
-                                                 try_zero=not (rho_on_boundary and t == program.rho_lmi))
+            delta = negative_semidefinite_defect(m, bound, device=device, first=hint, pattern=lmi.pattern,
+                                                 try_zero=not (rho_on_boundary and t == program.rho_lmi),
+                                                 zero_only=strict)
         except ArithmeticError as exc:
-            return CheckReport(False, None, float(objective), tuple(deltas), (),
-                               tuple(program.repair_weights), reason=str(exc))
+            return failed(str(exc), deltas)
         deltas.append(delta)
         if delta == 0:
             continue
         if not math.isfinite(weight):
-            return CheckReport(False, None, float(objective), tuple(deltas), (),
-                               tuple(program.repair_weights),
-                               reason="the LMI is not strictly feasible and no finite norm bound B exists for its "
-                                      "signals (non-contractive implicit layer)")
+            return failed("the LMI is not strictly feasible and no finite norm bound B exists for its signals "
+                          "(a non-contractive implicit layer, or a norm bound beyond the float range)", deltas)
         total += Fraction(delta) * Fraction(weight)
-    if program.output_map == "sqrt":
-        core = sqrt_up(max(total, Fraction(0)))
-    else:
-        core = round_up(total)
-    bound = core * program.scale
+    scale = Fraction(2) ** program.scale_exponent
+    total = max(total, Fraction(0))
+    bound = sqrt_up(total * scale * scale) if program.output_map == "sqrt" else round_up(total * scale)
     if not math.isfinite(bound):
-        return CheckReport(False, None, float(objective), tuple(deltas), (),
-                           tuple(program.repair_weights), reason="certified bound overflowed")
+        return failed("the certified bound overflows the float64 range (it is larger than 1.8e308)", deltas)
     return CheckReport(True, bound, float(objective), tuple(deltas), (), tuple(program.repair_weights))
 
 
@@ -156,9 +164,49 @@ def optimal_rho(program: Program, y: np.ndarray, device: str | None = None) -> f
     return max(float(top) / program.rho_weight, 0.0)
 
 
+#: Relative enlargements ``2^-k`` of the re-optimised ``rho`` tried before repairing with ``delta`` (then refined
+#: between the last failure and the first success, to within a factor 2).
+_RHO_BUMP_EXPONENTS = (40, 34, 28, 22, 16, 10, 5)
+
+
+def _enlarged_rho(program: Program, y: np.ndarray, rho: float, device: str | None):
+    """The smallest tried ``rho (1 + 2^-k)`` for which the LMI is proved strictly feasible, with its report.
+
+    ``rho`` on the boundary makes the LMI singular; slightly above it, the LMI is strictly feasible when the other
+    multipliers are (an interior-point answer), and the bound needs no repair at all. How far above depends on how
+    well the solver's point is centred: coarse steps first, then bisection of ``k``.
+    """
+    def attempt(k: int):
+        y2 = y.copy()
+        y2[program.rho_index] = round_up(Fraction(rho) * (1 + Fraction(1, 2**k)))
+        report = check_program(program, y2, device, strict_rho=True)
+        return (report, y2) if report.certified else None
+
+    failed = None
+    for k in _RHO_BUMP_EXPONENTS:
+        found = attempt(k)
+        if found is None:
+            failed = k
+            continue
+        while failed is not None and failed - k > 1:
+            mid = (failed + k) // 2
+            better = attempt(mid)
+            if better is None:
+                failed = mid
+            else:
+                found, k = better, mid
+        return found
+    return None
+
+
 def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, device: str | None = None,
                         solve_program: Program | None = None) -> tuple[CheckReport, np.ndarray, CheckReport]:
     """Clip, optionally re-optimise ``rho``, check.
+
+    With ``polish``, ``rho`` is re-optimised for the other multipliers (:func:`optimal_rho`) and then enlarged by
+    a tiny relative amount until the LMI is proved strictly feasible (no repair term at all: the bound is
+    ``sqrt(rho)`` rounded up, to the solver's own precision at any scale of the program); if that fails, the
+    re-optimised point is repaired with ``delta`` (see :func:`check_program`).
 
     Returns the best report, the multipliers it used, and a report on the solver's raw (clipped) point whose
     ``eigen_defects`` show how infeasible the solver's answer was. The raw point is checked rigorously only
@@ -174,11 +222,17 @@ def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, de
         # The reduced program has the same optimal rho for given multipliers and a much smaller rho block.
         rho = optimal_rho(solve_program or program, y, device)
         if rho is not None:
+            found = _enlarged_rho(program, y, rho, device) if rho > 0 else None
+            if found is not None and found[1][program.rho_index] <= rho * (1 + 2.0**-20):
+                return found[0], found[1], raw
+            # A large enlargement (a poorly centred point): the repair may do better, keep the smaller bound.
             y2 = y.copy()
             y2[program.rho_index] = rho
             report = check_program(program, y2, device, rho_on_boundary=rho > 0)
-            if report.certified:
-                return report, y2, raw
+            candidates = [c for c in (found, (report, y2) if report.certified else None) if c is not None]
+            if candidates:
+                best = min(candidates, key=lambda c: c[0].bound)
+                return best[0], best[1], raw
     report = check_program(program, y, device)
     return report, y, _replace(report, eigen_defects=defects)
 

@@ -454,18 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[verbose],
                        help="run methods/solvers side by side on a suite; writes JSON and a plot")
-    b.add_argument("suite", choices=["random", "deep", "qc", "soundness"],
-                   help="soundness: random networks of every family, certified bounds against lower bounds "
-                   "(exit 3 on a violation or crash)")
+    b.add_argument("suite", choices=["random", "deep", "qc", "glipsdp-mlp", "threads", "soundness"],
+                   help="glipsdp-mlp: GLipSDP's MLP table shapes (published MOSEK/GLipSDP times in the JSON); "
+                        "threads: the data for the native solver's thread policy (threads.json); soundness: random "
+                        "networks of every family, certified bounds against lower bounds (exit 3 on a violation or "
+                        "crash)")
     b.add_argument("--out", default="bench_out")
     b.add_argument("--sizes", type=_positive_ints, default=None,
-                   help="comma-separated widths (random: n of 784-n-n-10)")
+                   help="comma-separated widths (random: n of 784-n-n-10; glipsdp-mlp: widths or numbers of "
+                   "weight matrices)")
     b.add_argument("--solvers", type=_names, default=None,
                    help="comma-separated solvers/methods to run (default: all)")
     b.add_argument("--networks", type=_names, default=None, help="comma-separated network labels of the suite to "
                    "run (e.g. 784-500-200-50-10; default: all)")
     b.add_argument("--timeout", type=_positive, default=600.0, help="seconds per run (each in its own process)")
-    b.add_argument("--device", default=None, help="device for the native solver (cpu, cuda)")
+    b.add_argument("--device", default=None, help="device for the native solvers (cpu, cuda)")
     b.add_argument("--trials", type=int, default=None, help="soundness: trials per family (default 2; the full "
                    "campaign: 1000)")
     b.add_argument("--seed", type=int, default=0, help="soundness: campaign seed")

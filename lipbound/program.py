@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 UNIT_ROUNDOFF = 2.0**-53
+_SUBNORMAL = 2.0**-1074
 
 
 def gamma(k: int) -> float:
@@ -78,15 +79,6 @@ class Term:
         return (self.left * d) @ self.right.T
 
 
-def _max_row_norm(factor: np.ndarray | None, dabs: np.ndarray) -> float:
-    """``max_i sqrt(sum_k factor_ik^2 |d_k|)`` (``factor=None`` is the identity)."""
-    if dabs.size == 0:
-        return 0.0
-    if factor is None:
-        return float(np.sqrt(np.max(dabs)))
-    return float(np.sqrt(np.max((factor**2) @ dabs)))
-
-
 @dataclass(frozen=True, eq=False)
 class BlockPattern:
     """Which blocks of a symmetric block matrix may be non-zero: ``sizes`` of the diagonal blocks and a
@@ -109,6 +101,86 @@ class BlockPattern:
                 if not self.adjacency[r, c] and np.any(a[off[r]:off[r + 1], off[c]:off[c + 1]]):
                     return False
         return True
+
+
+@dataclass(frozen=True, eq=False)
+class EntrywiseBound:
+    """An entrywise bound ``|E| <= sum_t |L_t| diag(w_t) |R_t|^T`` on a symmetric perturbation ``E`` of a block matrix.
+
+    Each piece ``(a, L, w, b, R, support)`` bounds the entries of block ``(a, b)``: ``L`` has the rows of block
+    ``a`` and ``R`` those of block ``b`` (``None``: the identity), ``w >= 0`` one weight per column; with
+    ``support`` set, ``|L|`` and ``|R|`` are replaced by the indicators of their non-zeros (for per-operation
+    underflow). The bound need not be symmetric itself. What Rump's test needs is the row sums of ``D |E| D`` for a
+    positive diagonal scaling ``D`` (:meth:`row_sums`), which bound ``E`` in the Gershgorin sense:
+    ``D E D >= -diag(row sums)``. Keeping the factors (instead of, say, a rank-one Cauchy-Schwarz bound) keeps the
+    bound zero where the exact entries are structurally zero, which matters once rows are scaled far apart.
+    """
+
+    block_sizes: tuple[int, ...]
+    pieces: tuple[tuple[int, np.ndarray | None, np.ndarray, int, np.ndarray | None, bool], ...]
+
+    @classmethod
+    def uniform(cls, radius: float, pattern: BlockPattern | None, size: int) -> EntrywiseBound:
+        """``|E_ij| <= radius`` on the blocks of ``pattern`` (every entry when ``pattern`` is None)."""
+        if pattern is None:
+            pattern = BlockPattern((size,), np.ones((1, 1), dtype=bool))
+        sizes = pattern.sizes
+        pieces = tuple((a, np.ones((sizes[a], 1)), np.array([float(radius)]), b, np.ones((sizes[b], 1)), False)
+                       for a in range(len(sizes)) for b in range(len(sizes)) if pattern.adjacency[a, b] and radius)
+        return cls(tuple(sizes), pieces)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(int)
+
+    def with_diagonal(self, extra: np.ndarray) -> EntrywiseBound:
+        """The bound plus ``diag(extra)`` (e.g. the rounding of a diagonal shift)."""
+        off = self.offsets
+        added = tuple((b, None, np.asarray(extra[off[b]:off[b + 1]], dtype=float), b, None, False)
+                      for b in range(len(self.block_sizes)))
+        return EntrywiseBound(self.block_sizes, self.pieces + added)
+
+    def dense(self) -> np.ndarray:
+        """The bound as a dense matrix (for tests and small problems)."""
+        off = self.offsets
+        n = int(off[-1])
+        out = np.zeros((n, n))
+        for a, left, w, b, right, support in self.pieces:
+            lm, rm = _magnitude(left, support, w.size), _magnitude(right, support, w.size)
+            out[off[a]:off[a + 1], off[b]:off[b + 1]] += (lm * w) @ rm.T
+        return out
+
+    def row_sums(self, scale: np.ndarray | None = None) -> np.ndarray:
+        """Upper bounds on ``sum_j s_i s_j |E_ij|`` per row (``s = scale``, default all ones), rounded up.
+
+        Evaluated in floating point from non-negative terms: each piece is ``s_a |L| (w (|R|^T s_b))``, whose
+        relative rounding error is at most ``gamma`` of the number of operations along the way (inflated for), and
+        whose underflows (at most ``2^-1075`` per operation) are bounded by ``(n_b + 4) (s_a |L| w + 1) + (p + 4)
+        s_a`` units of ``2^-1074`` per row.
+        """
+        off = self.offsets
+        n = int(off[-1])
+        s = np.ones(n) if scale is None else np.asarray(scale, dtype=float)
+        out = np.zeros(n)
+        lost = np.zeros(n)
+        ops = 8
+        for a, left, w, b, right, support in self.pieces:
+            sa, sb = s[off[a]:off[a + 1]], s[off[b]:off[b + 1]]
+            t = w * (sb if right is None else _magnitude(right, support, w.size).T @ sb)
+            out[off[a]:off[a + 1]] += sa * (t if left is None else _magnitude(left, support, w.size) @ t)
+            reach = sa * (w if left is None else _magnitude(left, support, w.size) @ w)
+            lost[off[a]:off[a + 1]] += (sb.size + 4) * (reach + 1) + (w.size + 4) * sa
+            ops = max(ops, sb.size + w.size + 8)
+        ops += len(self.pieces)
+        out = out * (1.0 + 4.0 * ops * UNIT_ROUNDOFF) + 2 * _SUBNORMAL * lost * (1.0 + 4.0 * ops * UNIT_ROUNDOFF)
+        return np.nextafter(out + ops * _SUBNORMAL, np.inf)
+
+
+def _magnitude(factor: np.ndarray | None, support: bool, size: int) -> np.ndarray:
+    """``|factor|`` (or the indicator of its non-zeros); the identity of order ``size`` for None."""
+    if factor is None:
+        return np.eye(size)
+    return (factor != 0).astype(float) if support else np.abs(factor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,35 +238,55 @@ class LMI:
             m[s, s] = np.tril(m[s, s]) + np.tril(m[s, s], -1).T
         return m
 
-    def rounding_radius(self, y: np.ndarray) -> float:
-        """A bound ``r`` with ``|assemble(y)_ij - M(y)_ij| <= r`` for every entry (exact-arithmetic ``M``).
+    def rounding_bound(self, y: np.ndarray) -> EntrywiseBound:
+        """An entrywise bound on ``|assemble(y) - M(y)|`` (exact-arithmetic ``M``), resolved per row.
 
-        Each entry is a sum of products ``L_ik d_k R_jk`` over the terms of its block, with ``d``
-        itself a short sum of products: the standard bound ``gamma_K * sum |L_ik| |d_k| |R_jk|``
-        (Higham, Ch. 3) holds with ``K`` the total number of floating-point operations on the way.
-        The sum is bounded by Cauchy-Schwarz, ``max_i ||L_i sqrt|d| || * max_j ||R_j sqrt|d| ||``.
+        Each entry of a term's block is a sum of products ``L_ik d_k R_jk`` with ``d`` itself a short sum of
+        products. Every floating-point operation ``op`` returns ``op(1 + e) + f`` with ``|e| <= u`` and
+        ``|f| <= 2^-1075`` (underflow). So ``|d_hat_k - d_k| <= gamma dabs_k + a_k`` with ``dabs = |coef| |y| +
+        |const|`` and ``a_k = coef_ops eta sum_{coef_kv != 0} |y_v| + (ops) eta`` (a stored coefficient that
+        underflowed is off by ``eta`` times its multiplier), and the computed entry is within
+        ``sum_k |L_ik| w_k |R_jk| + K eta`` of the exact one, with ``w = gamma_K (dabs + a) + a`` (Higham, Ch. 3;
+        ``K`` counts the operations on the way, the other terms of the same block included), kept in factored form
+        ``|L| diag(w) |R|^T``. Inexact factors add ``dL R + L dR + dL dR`` (weights ``|d| <= dabs + a``). The
+        transposed entries (mirrored blocks, and the symmetrised lower triangle of diagonal blocks) get the same
+        bound, so each term contributes pieces in both directions.
         """
-        total = 0.0
         per_block_terms: dict[tuple[int, int], int] = {}
         for t in self.terms:
             key = (min(t.row, t.col), max(t.row, t.col))
             per_block_terms[key] = per_block_terms.get(key, 0) + 1
+        pieces: list[tuple] = []
+        yabs = np.abs(y)
         for t in self.terms:
-            dabs = t.magnitude(y)
             nnz_row = int(np.max(np.diff(t.coef.indptr))) if t.coef.nnz else 0
+            # |coef| |y| may underflow term by term (each lost product is below the smallest normal number).
+            dabs = t.magnitude(y) + (nnz_row + 1) * np.finfo(float).tiny
             k = t.rank + nnz_row + t.coef_ops + 4 + per_block_terms[(min(t.row, t.col), max(t.row, t.col))]
-            lmax = _max_row_norm(t.left, dabs)
-            rmax = _max_row_norm(t.right, dabs)
-            # Inexact factors: L R - L^ R^ = dL R^ + L^ dR + dL dR, each bounded by Cauchy-Schwarz too.
-            lerr = _max_row_norm(t.left_err, dabs) if t.left_err is not None else 0.0
-            rerr = _max_row_norm(t.right_err, dabs) if t.right_err is not None else 0.0
-            factor_part = lerr * (rmax + rerr) + lmax * rerr
-            # The bound itself is computed in floating point: inflate by a relative margin far above its
-            # own rounding error (p * u), and add the smallest normal number against underflow.
+            pattern = abs(t.coef.sign()) @ yabs + (0.0 if t.const is None else (t.const != 0))
+            absolute = (t.coef_ops * pattern + nnz_row + 2) * _SUBNORMAL
+            # The bound itself is computed in floating point: inflate by a relative margin far above its own
+            # rounding error (p * u).
             margin = 1.0 + 8.0 * (t.rank + 16) * UNIT_ROUNDOFF
-            term_radius = (gamma(k) * (lmax + lerr) * (rmax + rerr) + factor_part) * margin * margin
-            total += term_radius * (2 if t.mirror else 1) + np.finfo(float).tiny
-        return total * (1.0 + 1e-12)
+            weight = (gamma(k) * (dabs + absolute) + absolute) * margin
+            true = (dabs + absolute) * margin
+            underflow = np.full(t.rank, (k + 2) * _SUBNORMAL)
+            if t.left is None and t.right is None and t.row == t.col:
+                pieces.append((t.row, None, (weight + underflow) * (2 if t.mirror else 1), t.row, None, False))
+                continue
+            # (left, weights, right, support): float error, underflow, inexact factors dL R + L dR + dL dR
+            parts = [(t.left, weight, t.right, False), (t.left, underflow, t.right, True)]
+            if t.left_err is not None:
+                right_abs = np.abs(t.right) if t.right is not None else np.eye(t.rank)
+                if t.right_err is not None:
+                    right_abs = right_abs + t.right_err
+                parts.append((t.left_err, true, right_abs, False))
+            if t.right_err is not None:
+                parts.append((t.left, true, t.right_err, False))
+            for left, w, right, support in parts:
+                pieces.append((t.row, left, w, t.col, right, support))
+                pieces.append((t.col, right, w, t.row, left, support))
+        return EntrywiseBound(tuple(int(b) for b in self.block_sizes), tuple(pieces))
 
     def vectorized(self, n_vars: int) -> tuple[sp.csr_matrix, np.ndarray]:
         """Sparse ``F`` (N^2 x n_vars) and ``f0`` (N^2) with ``vec(M(y)) = F y + f0`` (column-major vec)."""
@@ -243,7 +335,7 @@ class Program:
     LMI ``rho_lmi`` and with objective coefficient 1; the certificate re-optimises it by block elimination.
 
     The certified bound derived from a feasible-up-to-defect point is
-    ``scale * g(objective @ y + sum_t delta_t * repair_weights[t])`` with ``g = sqrt`` (``output_map
+    ``2^scale_exponent * g(objective @ y + sum_t delta_t * repair_weights[t])`` with ``g = sqrt`` (``output_map
     == "sqrt"``) or the identity (``"linear"``), where ``delta_t >= lambda_max(lmi_t(y))``; see
     :mod:`lipbound.certificate` for why.
     """
@@ -254,7 +346,7 @@ class Program:
     nonneg: np.ndarray
     repair_weights: tuple[float, ...]
     output_map: str = "sqrt"
-    scale: float = 1.0
+    scale_exponent: int = 0
     rho_index: int | None = None
     rho_block: int | None = None
     rho_lmi: int = 0
@@ -280,8 +372,9 @@ class Program:
         return y
 
     def value(self, y: np.ndarray) -> float:
-        """The bound the solver claims (no certification): ``scale * g(objective @ y)``."""
+        """The bound the solver claims (no certification): ``2^scale_exponent * g(objective @ y)``."""
         v = float(self.objective @ y)
         if self.output_map == "sqrt":
-            return self.scale * float(np.sqrt(max(v, 0.0)))
-        return self.scale * v
+            v = float(np.sqrt(max(v, 0.0)))
+        with np.errstate(over="ignore"):
+            return float(np.ldexp(v, self.scale_exponent))

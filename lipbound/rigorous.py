@@ -14,11 +14,13 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from lipbound.program import UNIT_ROUNDOFF, BlockPattern, gamma
+from lipbound.program import UNIT_ROUNDOFF, BlockPattern, EntrywiseBound, gamma
 
 log = logging.getLogger("lipbound")
 
 _U = Fraction(1, 2**53)
+#: Restart cycles of the Lanczos estimate of an LMI's largest eigenvalue before falling back to a dense solver.
+_LANCZOS_RESTARTS = 60
 _ETA = Fraction(1, 2**1075)
 
 
@@ -59,35 +61,49 @@ def outward_down(x):
     """``next_down(x) - TINY``: ``<=`` the exact result of the one operation that gave ``x`` (see
     :func:`outward_up`)."""
     return next_down(x) - TINY
+_MAX = Fraction(np.finfo(float).max)
 
 
 def round_up(x: Fraction | float) -> float:
-    """The smallest float >= ``x`` (``x`` exact)."""
+    """The smallest float >= ``x`` (``x`` exact), at every magnitude: ``inf`` above the largest float, the
+    smallest positive subnormal for tiny positive ``x`` (never 0 unless ``x == 0``)."""
     x = Fraction(x)
-    f = float(x)
+    if x > _MAX:
+        return math.inf
+    if x < -_MAX:
+        return -float(np.finfo(float).max)
+    f = float(x)  # int / int division: correctly rounded, subnormals included
     if Fraction(f) < x:
         f = math.nextafter(f, math.inf)
     return f
 
 
 def round_down(x: Fraction | float) -> float:
-    """The largest float <= ``x`` (``x`` exact)."""
-    x = Fraction(x)
-    f = float(x)
-    if Fraction(f) > x:
-        f = math.nextafter(f, -math.inf)
-    return f
+    """The largest float <= ``x`` (``x`` exact), at every magnitude (``-inf`` below the most negative float)."""
+    return -round_up(-Fraction(x))
 
 
 def sqrt_up(x: Fraction | float) -> float:
-    """A float >= sqrt(x) for exact ``x >= 0``."""
+    """The smallest float >= sqrt(x) for exact ``x >= 0``, at every magnitude (``inf`` when it overflows).
+
+    Exact integer arithmetic: ``x`` is scaled by an even power of two into a range where an integer square root
+    carries more than 53 significant bits, rounded up, and scaled back exactly.
+
+    Examples
+    --------
+    >>> sqrt_up(4), sqrt_up(2) ** 2 >= 2, sqrt_up(Fraction(1, 2**2000)) == 2.0**-1000
+    (2.0, True, True)
+    """
     x = Fraction(x)
     if x <= 0:
         return 0.0
-    s = math.sqrt(round_up(x))
-    while Fraction(s) ** 2 < x:
-        s = math.nextafter(s, math.inf)
-    return s
+    k = max(0, (120 - (x.numerator.bit_length() - x.denominator.bit_length())) // 2 + 1)
+    scaled = x * 4**k  # >= 2^118, so its integer square root has >= 59 bits
+    n = -((-scaled.numerator) // scaled.denominator)  # ceil
+    r = math.isqrt(n)
+    if r * r < n:
+        r += 1
+    return round_up(Fraction(r, 2**k))
 
 
 def exact_sum(values) -> Fraction:
@@ -95,25 +111,38 @@ def exact_sum(values) -> Fraction:
     return sum((Fraction(float(v)) for v in values), Fraction(0))
 
 
-def _cholesky_succeeds(a: np.ndarray, device: str | None) -> bool:
-    """Whether floating-point Cholesky of ``a`` runs to completion with finite positive pivots.
+def _cholesky_weight(a: np.ndarray, device: str | None) -> float | None:
+    """Factor ``a`` in floating point; None unless the factorisation completes with finite positive pivots, else
+    an upper bound on ``max_i (|G| |G|^T 1)_i`` for the computed factor ``G`` (``a ~ G G^T``).
 
     On CUDA this uses cuSOLVER through torch: IEEE binary64 with round-to-nearest and FMA, covered by the same
-    ``gamma_k`` analysis as LAPACK (any summation order), with the doubled constant of Rump's test.
+    ``gamma_k`` analysis as LAPACK (any summation order), with the doubled constant of Rump's test. The row sums
+    are sums of non-negative products, inflated by far more than their rounding error.
     """
+    n = a.shape[0]
     if device is not None and str(device).startswith("cuda"):
         t = torch.as_tensor(a, dtype=torch.float64, device=device)
         factor, info = torch.linalg.cholesky_ex(t)
         if int(info) != 0:
-            return False
+            return None
         d = torch.diagonal(factor)
-        return bool(torch.all(torch.isfinite(d)) and torch.all(d > 0))
-    try:
-        factor = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return False
-    d = np.diag(factor)
-    return bool(np.all(np.isfinite(d)) and np.all(d > 0))
+        if not bool(torch.all(torch.isfinite(d)) and torch.all(d > 0)):
+            return None
+        g = factor.abs()
+        top = float((g @ (g.T @ torch.ones(n, dtype=torch.float64, device=device))).max())
+    else:
+        try:
+            factor = scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+            return None
+        d = np.diag(factor)
+        if not (np.all(np.isfinite(d)) and np.all(d > 0)):
+            return None
+        g = np.abs(factor)
+        top = float(np.max(g @ (g.T @ np.ones(n))))
+    if not math.isfinite(top):
+        return None
+    return math.nextafter(top * (1.0 + 4.0 * (n + 4) * UNIT_ROUNDOFF) + (n + 4) * 2.0**-1074, math.inf)
 
 
 def _envelope_bound(sqrt_diag: np.ndarray, pattern: BlockPattern) -> tuple[int, float, int]:
@@ -141,42 +170,72 @@ def _envelope_bound(sqrt_diag: np.ndarray, pattern: BlockPattern) -> tuple[int, 
     return width, math.nextafter(r, math.inf), k
 
 
+def _rump_constant(diag: np.ndarray, pattern: BlockPattern | None, weight: float | None = None) -> Fraction:
+    """Rump's ``c`` (doubled, see :func:`rump_positive_definite`) for a matrix with diagonal ``diag`` (all > 0).
+
+    ``weight`` bounds ``|| |G| |G|^T ||_2`` for the Cholesky factor ``G``: a priori (``None``) from the diagonal
+    (``tr`` or the envelope row-sum bound), or a posteriori from a computed factor.
+    """
+    n = diag.size
+    maxdiag = Fraction(float(np.max(diag)))
+    if pattern is not None:
+        width, r, _ = _envelope_bound(next_up(np.sqrt(diag)), pattern)
+        nu = (width + 1) * _U
+    else:
+        nu = (n + 1) * _U
+    if weight is None:
+        # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
+        prior = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
+        weight = min(prior, Fraction(r)) if pattern is not None else prior
+    if 3 * nu >= 1:
+        raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
+    return 2 * ((nu / (1 - nu)) * Fraction(weight) + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
+
+
 def rump_shift(diag: np.ndarray, radius: float = 0.0, pattern: BlockPattern | None = None) -> float:
-    """The diagonal shift of :func:`rump_positive_definite` for a matrix with diagonal ``diag`` (all > 0).
+    """The diagonal shift of :func:`rump_positive_definite` for a matrix with diagonal ``diag`` (all > 0) and a
+    uniform entrywise radius, without equilibration.
 
     Dense: ``2 c + N r`` with ``c = (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``. With a block
     ``pattern``, ``(N+1)`` becomes ``w + 1`` (``w`` the row envelope width), ``tr(A)`` becomes
     ``min(tr(A), max_i s_i sum_{j ~ i} s_j)`` (``s_i = sqrt(A_ii)``) and ``N r`` becomes ``k r`` (``k`` the most
     structural non-zeros in a row); see :func:`rump_positive_definite`.
     """
-    n = diag.size
-    # fsum is correctly rounded, so one ulp up is >= the exact sum (and far cheaper than rationals).
-    trace = Fraction(math.nextafter(math.fsum(diag.tolist()), math.inf))
-    maxdiag = Fraction(float(np.max(diag)))
-    rows, weight = n, trace
-    if pattern is not None:
-        width, r, k = _envelope_bound(next_up(np.sqrt(diag)), pattern)
-        nu = (width + 1) * _U
-        weight = min(trace, Fraction(r))
-        rows = min(n, k)
-    else:
-        nu = (n + 1) * _U
-    if 3 * nu >= 1:
-        raise ValueError(f"matrix of size {n} is too large for Rump's test in binary64.")
-    c = 2 * ((nu / (1 - nu)) * weight + 4 * _ETA * n * (2 * (n + 1) + maxdiag))
-    return round_up(c + rows * Fraction(float(radius)))
+    rows = diag.size if pattern is None else min(diag.size, _envelope_bound(np.sqrt(diag), pattern)[2])
+    return round_up(_rump_constant(diag, pattern) + rows * Fraction(float(radius)))
+
+
+def equilibration_exponents(diag: np.ndarray) -> np.ndarray:
+    """Integers ``e`` with ``4^e_i diag_i`` in ``[1, 4)`` (``diag > 0``): the power-of-two Jacobi scaling."""
+    return -((np.frexp(diag)[1].astype(np.int64) - 1) // 2)
 
 
 def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | None = None,
-                           pattern: BlockPattern | None = None) -> bool:
-    """Prove that every symmetric matrix within ``radius`` (entrywise) of ``a`` is positive definite.
+                           pattern: BlockPattern | None = None, bound: EntrywiseBound | None = None) -> bool:
+    """Prove that every symmetric matrix within ``radius`` (entrywise; or within ``bound``) of ``a`` is positive
+    definite.
 
     Rump's test (BIT 2006, constants of Rump & Jeannerod 2014; formalised in ValidSDP,
-    ``corollary_2_7_with_c_r_upper_bounds``): shift the diagonal down by
-    ``c + N r`` with ``c >= (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``; if the
-    floating-point Cholesky factorisation of the shifted matrix succeeds, the claim holds. We double
-    ``c`` to cover blocked and FMA-based LAPACK kernels, whose summation orders the formal proof does
-    not fix (the underlying ``gamma_k`` bound holds for any order).
+    ``corollary_2_7_with_c_r_upper_bounds``): shift the diagonal down by ``c`` with
+    ``c >= (N+1)u/(1-(N+1)u) tr(A) + 4 eta N (2(N+1) + max_i A_ii)``; if the floating-point Cholesky
+    factorisation of the shifted matrix succeeds, ``A`` is positive definite. We double ``c`` to cover blocked
+    and FMA-based LAPACK kernels, whose summation orders the formal proof does not fix (the underlying
+    ``gamma_k`` bound holds for any order).
+
+    **Equilibration.** The test runs on ``D A D`` with ``D = diag(2^e_i)`` making every diagonal entry lie in
+    ``[1, 4)`` (exact in binary floating point up to underflow, which is accounted for): congruence keeps
+    definiteness, and ``c`` is then relative to each row's own magnitude instead of the largest one (Cholesky
+    itself is invariant under such scalings, van der Sluis). Badly scaled LMIs (multipliers from ``1e-11`` to
+    ``1``) are proved to their own precision this way.
+
+    **A posteriori constant.** The bound ``|Delta| <= gamma |G| |G|^T`` on the backward error holds for the computed
+    factor itself (Higham, Thm 10.3), so a shift smaller than the a priori one is proved by the factor it
+    produces when ``gamma max_i (|G| |G|^T 1)_i`` (computed upward) fits in it; the a priori shift is the
+    fallback.
+
+    **Perturbations.** For a perturbation ``E`` with ``|D E D|`` of row sums ``r_i`` (from ``bound``, or ``radius``
+    on every structurally non-zero entry), row ``i`` is shifted by ``c + r_i``: ``D E D >= -diag(r)`` (Gershgorin),
+    so ``D (A + E) D = G G^T + (diag shift - Cholesky error) + (diag(r) + D E D)`` is positive definite.
 
     With a block ``pattern`` (every non-zero of ``a`` and of the matrices of interest lies in its blocks) the
     constants use the structure (the same ``gamma_k`` analysis of Higham, *Accuracy and Stability*, Ch. 3 and
@@ -185,20 +244,21 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     and ``gamma_{N+1}`` becomes ``gamma_{w+1}``; the error matrix is bounded entrywise by
     ``gamma_{w+1} s_i s_j`` on the pairs whose envelopes overlap and is zero elsewhere, so its norm is at most
     ``gamma_{w+1} max_i s_i sum_{j ~ i} s_j`` (row sums of a non-negative symmetric matrix) instead of
-    ``gamma_{N+1} tr(A)``; the perturbation of size ``radius`` has at most ``k`` non-zeros per row. For a
-    block-tridiagonal LMI of ``L`` blocks of size ``b`` this divides the shift by about ``L^2 / 6``.
-    Derivation: ``theory/certificate_repair.md``.
+    ``gamma_{N+1} tr(A)``. For a block-tridiagonal LMI of ``L`` blocks of size ``b`` this divides the shift by
+    about ``L^2 / 6``. Derivation: ``theory/certificate_repair.md``.
 
     Parameters
     ----------
     a : (N, N) symmetric float64 array
     radius : float
-        Entrywise bound on the distance to the matrices of interest.
+        Entrywise bound on the distance to the matrices of interest (ignored when ``bound`` is given).
     device : str, optional
         ``"cuda"`` runs the Cholesky factorisation on the GPU.
     pattern : BlockPattern, optional
         Block sparsity shared by ``a`` and the matrices of interest. Checked against ``a``; when ``a`` has a
         non-zero outside it the dense constants are used.
+    bound : EntrywiseBound, optional
+        A structured entrywise bound on the distance to the matrices of interest.
 
     Returns
     -------
@@ -211,6 +271,8 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     True
     >>> rump_positive_definite(np.diag([1.0, 1e-20]), radius=1e-10)
     False
+    >>> rump_positive_definite(np.diag([1.0, 1e-200]))
+    True
     """
     n = a.shape[0]
     if a.shape != (n, n) or not np.all(np.isfinite(a)) or not np.array_equal(a, a.T):
@@ -221,13 +283,43 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     if pattern is not None and (sum(pattern.sizes) != n or not pattern.contains(a)):
         log.warning("Rump's test: the matrix does not fit the given block pattern; using the dense constants.")
         pattern = None
-    shift = rump_shift(diag, radius, pattern)
-    shifted_diag = np.nextafter(diag - shift, -np.inf)
-    if np.any(shifted_diag <= 0):
+    if bound is None:
+        bound = EntrywiseBound.uniform(radius, pattern, n)
+    e = equilibration_exponents(diag)
+    scaled = np.ldexp(a, e[:, None] + e[None, :])
+    if not np.all(np.isfinite(scaled)):
         return False
-    shifted = a.copy()
-    np.fill_diagonal(shifted, shifted_diag)
-    return _cholesky_succeeds(shifted, device)
+    rows = bound.row_sums(np.ldexp(1.0, e))
+    inexact = (np.abs(scaled) < np.finfo(float).tiny) & (a != 0)
+    if np.any(inexact):  # underflow while scaling: each such entry is off by at most 2^-1075
+        rows = next_up(rows + np.count_nonzero(inexact, axis=1) * 2.0**-1074)
+    sdiag = np.diag(scaled)
+
+    def factor_with_shift(c: float) -> float | None:
+        shifted_diag = next_down(sdiag - next_up(c + rows))
+        if not np.all(np.isfinite(shifted_diag)) or np.any(shifted_diag <= 0):
+            return None
+        shifted = scaled.copy()
+        np.fill_diagonal(shifted, shifted_diag)
+        return _cholesky_weight(shifted, device)
+
+    # A posteriori first: the computed factor's |G| |G|^T is usually far below the a priori bound, so a smaller
+    # shift is tried and then justified by the factor it produced (Higham Thm 10.3 holds for the computed factor).
+    prior = round_up(_rump_constant(sdiag, pattern))
+    for trial in (prior / 16, None):
+        if trial is None:
+            return factor_with_shift(prior) is not None  # the a priori constant: success alone proves
+        weight = factor_with_shift(trial)
+        if weight is None:
+            continue
+        needed = round_up(_rump_constant(sdiag, pattern, weight))
+        if needed <= trial:
+            return True
+        if needed < prior:
+            again = factor_with_shift(needed * 1.25)
+            if again is not None and round_up(_rump_constant(sdiag, pattern, again)) <= needed * 1.25:
+                return True
+    return False
 
 
 def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
@@ -244,63 +336,91 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
     try:
         # A fixed start vector keeps the estimate, hence the certified bound, reproducible.
         start = np.ones(n) / np.sqrt(n)
-        return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-8, maxiter=20 * n, v0=start)[0])
+        # Restarts are capped: an LMI at a solver's optimum has a cluster of eigenvalues at 0, where Lanczos
+        # converges slowly (a 1040-row LMI of a 64-layer chain took longer than the solve); the dense
+        # factorisation is then cheaper.
+        return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-8, maxiter=_LANCZOS_RESTARTS,
+                           v0=start)[0])
     except ArpackNoConvergence:
         return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
 
 
-def negative_semidefinite_defect(m: np.ndarray, radius: float, estimate: float | None = None,
+def negative_semidefinite_defect(m: np.ndarray, radius: float | EntrywiseBound, estimate: float | None = None,
                                  tries: int = 10, device: str | None = None, first: float | None = None,
-                                 pattern: BlockPattern | None = None, try_zero: bool = True) -> float:
+                                 pattern: BlockPattern | None = None, try_zero: bool = True,
+                                 zero_only: bool = False) -> float:
     """A rigorous ``delta >= 0`` with ``M <= delta I`` for every symmetric ``M`` within ``radius`` of ``m``.
 
-    Tries ``delta = 0`` and Rump's shift first (enough when ``lambda_max(m) <= 0``, the usual case for
-    solver answers: each try is one Cholesky factorisation, much cheaper than an eigenvalue estimate of a
-    large LMI); then starts from a floating-point estimate of ``lambda_max(m)`` (``estimate``, or computed)
-    plus the shift and enlarges the margin until :func:`rump_positive_definite` proves ``delta I - M``
-    positive definite. ``first`` is tried before anything else (e.g. the ``delta`` a saved certificate
-    recorded; it is proved again, not trusted). ``pattern``: the block sparsity of ``m`` and of the matrices
-    of interest (see :func:`rump_positive_definite`). ``try_zero=False`` skips the ``delta = 0`` attempt (for
-    matrices known to be singular up to rounding, e.g. after ``rho`` was re-optimised onto the boundary).
+    ``radius`` is a uniform entrywise bound (on the structurally non-zero entries) or an
+    :class:`~lipbound.program.EntrywiseBound`. Tries ``delta = 0`` and a margin of Rump's shift first (enough
+    when ``lambda_max(m) <= 0``, the usual case for solver answers: each try is one Cholesky factorisation, much
+    cheaper than an eigenvalue estimate of a large LMI); then starts from a floating-point estimate of
+    ``lambda_max(m)`` (``estimate``, or computed) plus the shift and enlarges the margin until
+    :func:`rump_positive_definite` proves ``delta I - M`` positive definite. ``first`` is tried before anything
+    else (e.g. the ``delta`` a saved certificate recorded; it is proved again, not trusted). ``pattern``: the block
+    sparsity of ``m`` and of the matrices of interest (see :func:`rump_positive_definite`). ``try_zero=False``
+    skips the ``delta = 0`` attempt (for matrices known to be singular up to rounding, e.g. after ``rho`` was
+    re-optimised onto the boundary). ``zero_only=True`` tries ``delta = 0`` only (a proof of strict feasibility).
 
     Raises
     ------
     ArithmeticError
-        If no ``delta`` could be proved (non-finite input).
+        If no ``delta`` could be proved (non-finite input, or no tried margin sufficed).
     """
     n = m.shape[0]
     if not np.all(np.isfinite(m)):
         raise ArithmeticError("the LMI matrix has non-finite entries.")
+    if not isinstance(radius, EntrywiseBound):
+        if not math.isfinite(radius):
+            raise ArithmeticError("the rounding radius of the LMI is not finite.")
+        radius = EntrywiseBound.uniform(radius, pattern, n)
     neg_diag = -np.diag(m)
-    scale = max(float(np.max(np.abs(m))), np.finfo(float).tiny)
+    tiny = np.finfo(float).tiny
 
     def excess(lam: float) -> float:
-        # Rump's shift for delta I - M with delta ~ lam, a margin for the rounding of the diagonal, and a floor.
-        diag = np.maximum(neg_diag + max(lam, 0.0), 0.0) + np.finfo(float).tiny
-        return 1.25 * rump_shift(diag, radius, pattern) + 64 * UNIT_ROUNDOFF * scale
+        # Rump's shift for delta I - M with delta ~ lam, in the coordinates of M: each row's shift (constant and
+        # perturbation row sum, relative after equilibration) scaled back by that row's diagonal.
+        diag = np.maximum(neg_diag + max(lam, 0.0), 0.0) + tiny
+        e = equilibration_exponents(diag)
+        sdiag = np.ldexp(diag, 2 * e)
+        rows = radius.row_sums(np.ldexp(1.0, e)) + UNIT_ROUNDOFF * sdiag * 2
+        local = np.ldexp(float(_rump_constant(sdiag, pattern)) + rows, -2 * e)
+        return 1.25 * float(np.max(local))
 
     def proves(delta: float) -> bool:
         a = -m
         a[np.diag_indices(n)] += delta
-        # Subtracting from the diagonal rounds once per entry: widen the radius by u |a_ii|.
-        r = radius + UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(a)))) * (1 + 4 * UNIT_ROUNDOFF)
-        return rump_positive_definite(a, round_up(Fraction(r)), device, pattern)
+        # Adding to the diagonal rounds once per entry: widen the bound by u |a_ii|.
+        b = radius.with_diagonal(next_up(UNIT_ROUNDOFF * np.abs(np.diag(a)) * (1 + 4 * UNIT_ROUNDOFF)))
+        return rump_positive_definite(a, device=device, pattern=pattern, bound=b)
 
-    guesses = [] if first is None else [first]
+    if zero_only:
+        if proves(0.0):
+            return 0.0
+        raise ArithmeticError("M < 0 (strict feasibility) could not be proved.")
+    guesses = [] if first is None or not math.isfinite(first) or first < 0 else [first]
     if estimate is None:
-        guesses += ([0.0] if try_zero else []) + [excess(0.0)]
+        guesses += [0.0] if try_zero else []
+        # Rump's shift alone covers a matrix that is negative semidefinite up to rounding; a shift that is not tiny
+        # next to the matrix (rows that vanish at delta = 0 get extreme scalings) is no guess worth proving.
+        shift = excess(0.0)
+        if shift <= 2.0**-20 * float(np.max(np.abs(neg_diag), initial=0.0)):
+            guesses.append(shift)
     for delta in guesses:
         delta = round_up(delta)
-        if proves(delta):
+        if math.isfinite(delta) and proves(delta):
             return delta
     lam = largest_eigenvalue(m, device) if estimate is None else estimate
     if not math.isfinite(lam):
         raise ArithmeticError("the LMI matrix has non-finite eigenvalues.")
-    candidates = [0.0] if lam + excess(lam) < 0 else []
-    candidates += [max(lam, 0.0) + excess(lam) * 4.0**i for i in range(tries)]
+    margin = excess(lam)
+    if not math.isfinite(margin):
+        raise ArithmeticError("Rump's shift of the LMI matrix is not finite (entries near the overflow threshold).")
+    candidates = [0.0] if lam + margin < 0 else []
+    candidates += [max(lam, 0.0) + margin * 4.0**i for i in range(tries)]
     for delta in candidates:
         delta = round_up(delta)
-        if proves(delta):
+        if math.isfinite(delta) and proves(delta):
             return delta
     raise ArithmeticError(f"could not prove M <= delta I for any tried delta (lambda_max estimate {lam:.3e}).")
 
@@ -343,8 +463,52 @@ def spectral_norm_estimate(w: np.ndarray, rtol: float = 1e-13, gram: np.ndarray 
     return float(np.linalg.norm(w, 2)) if lam is None else float(np.sqrt(lam))
 
 
+def spectral_norm_bound(w: np.ndarray) -> Fraction:
+    """An exact rational upper bound on ``||W||_2`` at any magnitude (see :func:`spectral_norm_upper`).
+
+    ``W`` is first scaled by a power of two so that its largest entry lies in ``[1/2, 1)``; entries that this
+    pushes below the smallest subnormal are off by at most ``2^-1075`` each, added as their Frobenius norm.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    if w.size == 0 or not np.any(w):
+        return Fraction(0)
+    if not np.all(np.isfinite(w)):
+        raise ArithmeticError("the matrix has non-finite entries.")
+    e = int(np.frexp(float(np.max(np.abs(w))))[1])
+    scaled = np.ldexp(w, -e)
+    lost = int(np.count_nonzero(np.ldexp(scaled, e) != w))
+    bound = Fraction(_spectral_norm_upper_normalised(scaled))
+    if lost:
+        bound += Fraction(sqrt_up(lost)) * Fraction(1, 2**1074)
+    return bound * Fraction(2) ** e
+
+
+def frobenius_bound(x: np.ndarray) -> Fraction:
+    """An exact rational upper bound on the Frobenius norm of ``x``, at any magnitude.
+
+    Examples
+    --------
+    >>> float(frobenius_bound(np.array([3.0, 4.0]))) >= 5.0
+    True
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or not np.any(x):
+        return Fraction(0)
+    if not np.all(np.isfinite(x)):
+        raise ArithmeticError("the matrix has non-finite entries.")
+    e = int(np.frexp(float(np.max(np.abs(x))))[1])
+    scaled = np.ldexp(x, -e).ravel()
+    lost = int(np.count_nonzero(np.ldexp(scaled, e) != x.ravel()))
+    # Squares and their sum: relative error gamma_{n+1}, plus 2^-1074 per square that underflows, plus the entries
+    # lost to scaling (each below 2^-1074 in scaled units).
+    total = Fraction(math.fsum((scaled * scaled).tolist())) * (1 + 2 * Fraction(x.size + 4, 2**53))
+    total += Fraction(x.size + lost, 2**1074)
+    return Fraction(sqrt_up(total)) * Fraction(2) ** e
+
+
 def spectral_norm_upper(w: np.ndarray) -> float:
-    """A rigorous upper bound on the spectral norm ``||W||_2`` (within ~1e-7 relative of the true value).
+    """A rigorous upper bound on the spectral norm ``||W||_2`` (within ~1e-7 relative of the true value), rounded
+    up to a float (``inf`` beyond the float range).
 
     The floating-point estimate ``s`` is inflated to ``t`` and ``t^2 I - G`` (``G`` the smaller Gram
     matrix) is proved positive definite with Rump's test, accounting for the rounding in ``G``.
@@ -355,19 +519,17 @@ def spectral_norm_upper(w: np.ndarray) -> float:
     >>> spectral_norm_upper(np.diag([3.0, 1.0])) >= 3.0
     True
     """
-    w = np.asarray(w, dtype=np.float64)
-    if w.size == 0 or not np.any(w):
-        return 0.0
-    big = float(np.max(np.abs(w)))
-    if big < 2.0**-400 or big > 2.0**400:
-        # Squares would underflow or overflow: bound the norm of an exactly rescaled copy (power of two).
-        e = int(np.frexp(big)[1])
-        return math.nextafter(float(np.ldexp(spectral_norm_upper(np.ldexp(w, -e)), e)), math.inf)
+    return round_up(spectral_norm_bound(w))
+
+
+def _spectral_norm_upper_normalised(w: np.ndarray) -> float:
+    """:func:`spectral_norm_upper` for a matrix whose largest entry lies in ``[1/2, 1)``; products of tiny entries
+    may underflow (absolute error ``2^-1074`` each, in the radius)."""
     g = w.T @ w if w.shape[1] <= w.shape[0] else w @ w.T
     g = np.tril(g) + np.tril(g, -1).T
     k = max(w.shape)
     row_norm_sq = float(np.max(np.sum(w * w, axis=0 if w.shape[1] <= w.shape[0] else 1)))
-    radius = gamma(k + 2) * row_norm_sq * (1 + 1e-12)
+    radius = gamma(k + 2) * row_norm_sq * (1 + 1e-12) + (k + 2) * 2.0**-1074
     s = spectral_norm_estimate(w, gram=g)
     # The first margin leaves room for Rump's shift on t^2 I - G (each failed try costs a Cholesky factorisation).
     s2 = max(s * s, np.finfo(float).tiny)
@@ -381,5 +543,4 @@ def spectral_norm_upper(w: np.ndarray) -> float:
         r = radius + UNIT_ROUNDOFF * float(np.max(np.abs(np.diag(a)))) * 2
         if rump_positive_definite(a, r):
             return t
-    frob = exact_sum((w * w).ravel()) * (1 + Fraction(2 * (w.size + 2)) * _U)
-    return sqrt_up(frob)
+    return sqrt_up(sum((Fraction(float(x)) ** 2 for x in w.ravel()), Fraction(0)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,48 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared test data not available: {path}")
     return path
+
+
+def exact_product(weights, slope: Fraction = Fraction(1)) -> list[list[Fraction]]:
+    """``W_L diag(slope) ... diag(slope) W_1`` in exact rationals (the Jacobian at 0 of a smooth activation net
+    with zero biases, ``slope = phi'(0)``)."""
+    prod = [[Fraction(float(x)) for x in row] for row in np.asarray(weights[0])]
+    for w in weights[1:]:
+        w = [[Fraction(float(x)) for x in row] for row in np.asarray(w)]
+        prod = [[slope * sum((w[i][k] * prod[k][j] for k in range(len(prod))), Fraction(0))
+                 for j in range(len(prod[0]))] for i in range(len(w))]
+    return prod
+
+
+def _det(m: list[list[Fraction]]) -> Fraction:
+    m = [row[:] for row in m]
+    n, det = len(m), Fraction(1)
+    for k in range(n):
+        pivot = next((i for i in range(k, n) if m[i][k] != 0), None)
+        if pivot is None:
+            return Fraction(0)
+        if pivot != k:
+            m[k], m[pivot] = m[pivot], m[k]
+            det = -det
+        det *= m[k][k]
+        for i in range(k + 1, n):
+            f = m[i][k] / m[k][k]
+            for j in range(k, n):
+                m[i][j] -= f * m[k][j]
+    return det
+
+
+def exact_norm_at_most(p: list[list[Fraction]], bound: float) -> bool:
+    """Whether ``||P||_2 <= bound``, decided exactly: every principal minor of ``bound^2 I - P^T P`` is >= 0."""
+    n = len(p[0])
+    c2 = Fraction(bound) ** 2
+    g = [[c2 * (i == j) - sum((p[k][i] * p[k][j] for k in range(len(p))), Fraction(0)) for j in range(n)]
+         for i in range(n)]
+    for size in range(1, n + 1):
+        for idx in itertools.combinations(range(n), size):
+            if _det([[g[i][j] for j in idx] for i in idx]) < 0:
+                return False
+    return True
 
 
 def random_net(dims, activation="relu", seed=0, nonneg=False, scale=1.0, **params) -> lipbound.Network:

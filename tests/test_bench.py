@@ -43,3 +43,49 @@ def test_run_suite_writes_json_and_plot(tmp_path, monkeypatch):
     assert len(saved) == 2 and (tmp_path / "deep.png").stat().st_size > 0
     for r in saved:
         assert r["upper_bound"] >= r["exact"] * (1 - 1e-12)
+
+
+def test_glipsdp_suite_shapes_and_published_times():
+    specs = suite("glipsdp-mlp")
+    assert len(specs) == 18 and {s.extra["width"] for s in specs} == {16, 32, 64}
+    spec = next(s for s in specs if s.label == "glipsdp-64x64")
+    assert spec.dims == (784,) + (64,) * 63 + (10,) and spec.spectral
+    assert bench.GLIPSDP_PUBLISHED[64][64] == (830.4, 65.9)
+    net = suite("glipsdp-mlp", [16])[0].build()
+    assert all(abs(np.linalg.norm(w, 2) - 1) < 1e-12 for w in net.weights)
+    assert [s.label for s in suite("glipsdp-mlp", [64])][-1] == "glipsdp-64x64"
+
+
+def test_glipsdp_records_carry_the_published_times(tmp_path, monkeypatch):
+    spec = NetSpec("glipsdp-16x2", "random", dims=(12, 6, 3), seed=1, spectral=True,
+                   extra={"width": 16, "matrices": 2})
+    monkeypatch.setattr(bench, "suite", lambda name, sizes=None: [spec])
+    records = run_suite("glipsdp-mlp", tmp_path, solvers=["native-chordal", "native-dense"],
+                        progress=lambda line: None)
+    assert {r["solver_requested"] for r in records} == {"native-dense", "native-chordal"}
+    for r in records:
+        assert r["certified"] and r["published_glipsdp_s"] == 0.008 and r["published_mosek_lipsdp_s"] == 0.005
+        assert "spectral norm" in r["weights"] and "published" in bench._line(r)
+    assert abs(records[0]["upper_bound"] - records[1]["upper_bound"]) <= 1e-6 * records[0]["upper_bound"]
+
+
+def test_fit_crossover():
+    def rows(order, one, many):
+        return [{"kernel": k, "order": order, "threads": 1, "time_s": one} for k in ("cholesky", "matmul")] + \
+            [{"kernel": k, "order": order, "threads": 4, "time_s": many} for k in ("cholesky", "matmul")]
+    kernels = rows(500, 1.0, 2.0) + rows(1000, 1.0, 0.5) + rows(2000, 1.0, 0.95) + rows(4000, 1.0, 0.3)
+    assert bench.fit_crossover(kernels) == 4000.0  # 2000 is not 10 % faster: the policy stays on one thread there
+    assert bench.fit_crossover(rows(500, 1.0, 2.0)) == float("inf")
+
+
+@pytest.mark.slow
+def test_measure_threads_writes_kernels_crossover_and_policy_runs(tmp_path, monkeypatch):
+    spec = NetSpec("tiny", "random", dims=(5, 4, 3), seed=0)
+    monkeypatch.setattr(bench, "suite", lambda name, sizes=None: [spec])
+    records = bench.measure_threads(tmp_path, orders=(40, 80), progress=lambda line: None)
+    saved = json.loads((tmp_path / "threads.json").read_text())
+    assert saved["cores"] >= 1 and 1 in saved["thread_counts"]
+    assert {k["order"] for k in saved["kernels"]} == {40, 80}
+    threads = [r["threads"] for r in saved["solves"]]
+    assert "policy" in threads and 1 in threads
+    assert all(r["certified"] for r in saved["solves"]) and len(records) == len(saved["kernels"]) + len(threads)

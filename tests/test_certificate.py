@@ -1,6 +1,7 @@
 """Certificates: JSON round trip, re-verification from scratch, tampering, infeasible multipliers."""
 
 import dataclasses
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 import lipbound
 from lipbound.certificate import Certificate, check_program
 from lipbound.formulations import lipsdp
-from tests.conftest import random_net
+from tests.conftest import exact_norm_at_most, exact_product, random_net
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,61 @@ def test_uncertified_and_mp_certificates():
     assert lipbound.verify_certificate(mp, net).valid
     fake = tampered(mp, certified=False, upper_bound=None)
     assert not lipbound.verify_certificate(fake, net).valid
+
+
+def _tiny_tanh_net(scale: float, seed: int, rng_kind: str):
+    if rng_kind == "legacy":
+        np.random.seed(seed)
+        w0, w1 = scale * np.random.randn(3, 2), scale * np.random.randn(2, 3)
+    else:
+        rng = np.random.default_rng(seed)
+        w0, w1 = scale * rng.standard_normal((3, 2)), scale * rng.standard_normal((2, 3))
+    return lipbound.from_weights([w0, w1], "tanh"), [w0, w1]
+
+
+@pytest.mark.parametrize("scale, seed", [(1e-158, 0), (1e-162, 10), (1e-160, 3), (1e-155, 7)])
+@pytest.mark.parametrize("rng_kind", ["legacy", "default_rng"])
+@pytest.mark.parametrize("method", ["lipsdp-neuron", "lipsdp-layer", "mp"])
+def test_subnormal_bounds_round_up(scale, seed, rng_kind, method):
+    # The Jacobian at 0 (tanh'(0) = 1, zero biases) is W1 W0, so L >= ||W1 W0||, here in the subnormal range.
+    # Before: lipsdp-neuron certified 1.33e-316 below an exact 1.3313690866e-316; lipsdp-layer certified 0.0.
+    net, weights = _tiny_tanh_net(scale, seed, rng_kind)
+    cert = lipbound.certify(net, method=method, solver="clarabel")
+    assert cert.certified and cert.upper_bound > 0.0
+    assert exact_norm_at_most(exact_product(weights), cert.upper_bound)
+    assert lipbound.verify_certificate(Certificate.from_json(cert.to_json()), net).valid
+
+
+@pytest.mark.parametrize("method, kwargs", [("mp", {}), ("lipsdp-neuron", {}), ("lipsdp-layer", {}),
+                                            ("lipsdp-neuron", {"norm": "linf", "output_index": 0})])
+def test_bounds_beyond_the_float_range_are_not_certified(method, kwargs):
+    rng = np.random.default_rng(0)
+    net = lipbound.from_weights([rng.standard_normal((4, 3)) * 1e200, rng.standard_normal((2, 4)) * 1e200], "relu")
+    cert = lipbound.certify(net, method=method, solver="clarabel", **kwargs)  # before: OverflowError
+    assert not cert.certified and cert.upper_bound is None and "overflow" in cert.reason
+
+
+def test_check_program_rounds_the_scaled_result_up():
+    # M(rho) = 1 - rho <= 0 and the bound 2^e sqrt(rho): below the normal range the old final product core * 2^e
+    # rounded to nearest (to 0 for e = -1100); the exact evaluation rounds up, and overflow is not certified.
+    import scipy.sparse as sp
+
+    from lipbound.program import LMI, Program, Term
+
+    lmi = LMI((1,), (Term(0, 0, None, None, sp.csr_matrix(np.array([[-1.0]]))),
+                     Term(0, 0, None, None, sp.csr_matrix((1, 1)), const=np.array([1.0]))))
+    for e, rho in [(-1100, 1.0 + 2.0**-40), (-1074, 2.0), (-1060, 3.0), (-1040, 3.0), (1030, 2.0)]:
+        program = Program((lmi,), 1, np.array([1.0]), np.array([True]), (1.0,), scale_exponent=e)
+        report = check_program(program, np.array([rho]))
+        if e > 1000:
+            assert not report.certified and "overflows" in report.reason
+            continue
+        assert report.certified and report.bound > 0.0
+        assert Fraction(report.bound) ** 2 >= Fraction(4) ** e * Fraction(rho)
+
+
+def test_rho_is_enlarged_rather_than_repaired():
+    net = random_net([5, 8, 8, 3], seed=4)
+    cert = lipbound.certify(net, method="lipsdp-neuron", solver="clarabel")
+    assert cert.certified and all(d == 0.0 for d in cert.deltas)
+    assert cert.upper_bound <= cert.solver_bound * (1 + 1e-7)

@@ -88,6 +88,7 @@ def test_certified_bound_dominates_attack_and_sampling(act, dims, seed, form):
     assert cert.upper_bound >= sampled_ratio(net, seed=seed) * (1 - 1e-9)
     mp = lipbound.certify(net, method="mp")
     assert mp.upper_bound >= lb.value * (1 - 1e-9)
+    assert cert.upper_bound <= mp.upper_bound * (1 + 1e-6)  # a certified LipSDP bound never exceeds MP
 
 
 @pytest.mark.parametrize("solver", ["clarabel", "scs", "native"])

@@ -12,8 +12,9 @@ from lipbound import SolverError
 from lipbound.formulations import lipsdp
 from lipbound.program import LMI, Program, Term
 from lipbound.solvers import SOLVERS, available_solvers, get_solver
-from lipbound.solvers.native import NativeSolver
+from lipbound.solvers.native import NativeSolver, choose_layout
 from tests.conftest import FORMULATION_CASES, formulation_problem, random_net
+from tests.test_cones import banded_lmi
 
 ACTIVATIONS = [("relu", {}), ("tanh", {}), ("leaky_relu", {"negative_slope": -0.5})]
 # The last two have input dim > first width, so solvers get the QR-reduced program.
@@ -117,10 +118,16 @@ def test_certify_with_native_matches_clarabel(method):
 
 
 def test_registration():
-    assert "native" in SOLVERS
-    assert "native" in available_solvers()
+    assert {"native", "native-dense", "native-chordal"} <= set(SOLVERS)
+    assert {"native", "native-dense", "native-chordal"} <= set(available_solvers())
     assert isinstance(get_solver("native"), NativeSolver)
     assert isinstance(get_solver("NATIVE"), NativeSolver)
+    assert get_solver("native-chordal").name == "native-chordal" and get_solver("native-dense").strategy == "dense"
+    program = lipsdp(random_net([3, 4, 2], seed=1)).solve_program
+    with pytest.raises(SolverError, match="fixes strategy"):
+        get_solver("native-dense").solve(program, strategy="chordal")
+    with pytest.raises(SolverError, match="unknown native strategy"):
+        NativeSolver().solve(program, strategy="sparse")
 
 
 def test_info_status_logging_and_silence(caplog, capsys):
@@ -198,3 +205,130 @@ def test_agrees_with_clarabel_on_every_formulation(case):
     report, _, _ = lipbound.certificate.certify_multipliers(problem.program, result.y,
                                                              solve_program=problem.solve_program)
     assert report.certified
+
+
+def _three_way(program: Program, **options):
+    dense = NativeSolver("dense").solve(program, **options)
+    chordal = NativeSolver("chordal").solve(program, **options)
+    ref = get_solver("clarabel").solve(program)
+    return (float(program.objective @ dense.y), float(program.objective @ chordal.y),
+            float(program.objective @ ref.y), dense, chordal)
+
+
+@pytest.mark.parametrize("case", FORMULATION_CASES)
+def test_chordal_agrees_with_dense_and_clarabel_on_every_formulation(case):
+    problem = formulation_problem(case, 11)
+    dense, chordal, ref, _, result = _three_way(problem.solve_program)
+    if case == "nsr-coupled":
+        # Coupled NSR programs are degenerate: near 1e-9 their Schur matrix is singular to working precision and
+        # every direction loses its accuracy (the old solver and Clarabel stall on most seeds too); the solver
+        # then stops and says so.
+        assert result.status == "optimal" or (result.status == "stalled" and result.info["gap"] <= 1e-7)
+    else:
+        assert result.status == "optimal", result.info
+    assert abs(chordal - dense) <= 1e-7 * abs(dense) and abs(chordal - ref) <= 1e-6 * abs(ref)
+    report, _, _ = lipbound.certificate.certify_multipliers(problem.program, result.y,
+                                                             solve_program=problem.solve_program)
+    assert report.certified
+    if case in ("neuron", "layer", "neuron-linf"):  # chains of three or more blocks take the chordal layout
+        assert "chordal" in result.info["strategy"]
+
+
+@pytest.mark.parametrize("form", ["neuron", "layer"])
+@pytest.mark.parametrize("act, params", ACTIVATIONS)
+def test_chordal_agrees_on_deep_chains(act, params, form):
+    # Unequal widths (padded super-blocks), an input block reduced by QR, and an l-infinity t block.
+    net = random_net([9, 4, 6, 3, 5, 5, 6, 2], act, seed=7, **params)
+    for norm in ({}, {"norm": "linf", "output_index": 1}):
+        program = lipsdp(net, form, **norm).solve_program
+        assert choose_layout(program.lmis[0], "chordal").nb >= 6
+        dense, chordal, ref, _, result = _three_way(program)
+        assert result.status == "optimal" and result.info["gap"] <= 1e-9
+        assert abs(chordal - dense) <= 1e-7 * abs(dense) and abs(chordal - ref) <= 1e-6 * abs(ref)
+
+
+def test_chordal_on_a_banded_pattern_with_several_blocks_per_super_block():
+    """A program whose LMI couples each block to the next two (as local skips do): super-blocks of two blocks."""
+    lmi = banded_lmi([3, 4, 3, 4, 3, 4, 3], 2, n_vars=3, seed=8)
+    # min rho - x1 - x2  s.t.  lmi(rho, x1, x2) - (rho + 1) I <= 0 on the diagonal; bounded by the x_i penalties.
+    sizes = lmi.block_sizes
+    extra = [Term(j, j, None, None, sp.csr_matrix((n, 3)), const=-np.full(n, 20.0)) for j, n in enumerate(sizes)]
+    box = LMI((2,), (Term(0, 0, None, None, sp.csr_matrix(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])),
+                          const=-np.full(2, 1.0)),))
+    neg = LMI((2,), (Term(0, 0, None, None, sp.csr_matrix(np.array([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])),
+                          const=-np.full(2, 1.0)),))
+    program = Program((LMI(sizes, lmi.terms + tuple(extra)), box, neg), 3, np.array([1.0, -0.3, 0.2]),
+                      np.array([False, False, False]), (1.0, 1.0, 1.0), output_map="linear")
+    layout = choose_layout(program.lmis[0], "chordal")
+    assert layout.nb >= 3 and max(np.bincount(layout.super_block)) >= 2
+    dense, chordal, ref, _, result = _three_way(program)
+    assert result.status == "optimal"
+    assert abs(chordal - dense) <= 1e-7 * max(1.0, abs(dense)) and abs(chordal - ref) <= 1e-6 * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("strategy", ["dense", "chordal"])
+def test_gap_is_relative_to_the_optimum_not_to_one(strategy):
+    """A net whose last layer is scaled by 2^-17 has an optimum 2^-34 times smaller (about 3e-10 here). The stopping
+    rule used to divide the gap by 1 + |objective|, so such programs stopped "optimal" at twice their optimum."""
+    net = random_net([6, 8, 8, 8, 3], seed=3)
+    weights = list(net.weights)
+    weights[-1] = np.ldexp(weights[-1], -17)
+    small = lipbound.from_weights(weights, "relu")
+    unscaled = (0,) * 5  # keep the formulation from rescaling the program
+    big_program = lipsdp(net, exponents=unscaled).solve_program
+    small_program = lipsdp(small, exponents=unscaled).solve_program
+    big = NativeSolver(strategy).solve(big_program)
+    tiny = NativeSolver(strategy).solve(small_program)
+    assert big.status == tiny.status == "optimal" and tiny.info["gap"] <= 1e-9
+    value_big, value_tiny = big_program.objective @ big.y, small_program.objective @ tiny.y
+    assert value_tiny < 1e-9
+    # The method is covariant under this scaling: the same iterations, the same answer up to 2^-34.
+    assert tiny.info["iterations"] == big.info["iterations"]
+    assert value_tiny == pytest.approx(np.ldexp(value_big, -34), rel=1e-9)
+    cert = lipbound.certify(small, solver=f"native-{strategy}")
+    assert cert.certified
+    assert cert.upper_bound == pytest.approx(np.ldexp(np.sqrt(value_big), -17), rel=1e-6)
+
+
+def test_auto_picks_the_layout_from_the_cost_model():
+    deep = lipsdp(random_net([4] + [20] * 30 + [1], seed=1)).solve_program.lmis[0]
+    shallow = lipsdp(random_net([784, 300, 10], seed=1)).solve_program.lmis[0]
+    assert choose_layout(deep, "auto").nb > 1
+    assert choose_layout(shallow, "auto").nb == 1 and choose_layout(shallow, "chordal").nb == 1  # one clique
+    assert choose_layout(deep, "dense").nb == 1
+
+
+@pytest.mark.parametrize("solver", ["native-dense", "native-chordal"])
+def test_certify_with_each_strategy_matches_clarabel(solver):
+    net = random_net([10, 8, 8, 8, 8, 3], "relu", seed=9)
+    ours = lipbound.certify(net, solver=solver)
+    ref = lipbound.certify(net, solver="clarabel")
+    assert ours.certified and ours.solver == solver and ours.status == "optimal"
+    assert abs(ours.upper_bound - ref.upper_bound) <= 1e-6 * ref.upper_bound
+    assert ours.solver_info["strategy"] == solver.split("-")[1]
+
+
+@pytest.mark.parametrize("strategy", ["dense", "chordal"])
+def test_float32_schur_products_reach_the_float64_optimum(strategy):
+    program = lipsdp(random_net([20, 12, 12, 12, 12, 3], seed=4)).solve_program
+    ref = NativeSolver(strategy).solve(program)
+    low = NativeSolver(strategy).solve(program, schur_precision="float32")
+    assert low.status == "optimal" and low.info["gap"] <= 1e-9
+    assert abs(program.objective @ low.y - program.objective @ ref.y) <= 1e-9 * abs(program.objective @ ref.y)
+    with pytest.raises(SolverError, match="schur_precision"):
+        NativeSolver().solve(program, schur_precision="float16")
+
+
+def test_an_optimum_below_the_datas_rounding_level_is_not_reported_optimal():
+    """30 layers of 0.5 x orthogonal 3 x 3 weights: LipSDP's optimum is 2^-60 against data of order 1 when the
+    formulation does not rescale the blocks. A slack re-assembled in float64 looks feasible at any such point, so
+    the solver must not claim optimality; the scaled program of the same net is solved to the same value."""
+    rng = np.random.default_rng(0)
+    net = lipbound.from_weights([0.5 * np.linalg.qr(rng.standard_normal((3, 3)))[0] for _ in range(30)], "relu")
+    scaled = lipsdp(net).solve_program
+    unscaled = lipsdp(net, exponents=(0,) * 31).solve_program
+    good = NativeSolver().solve(scaled)
+    bad = NativeSolver().solve(unscaled, max_iter=60)
+    assert good.status == "optimal" and good.info["rounding_floor"] <= 1e-9
+    assert bad.status != "optimal" and bad.info["rounding_floor"] > 1e-9
+    assert unscaled.value(bad.y) == pytest.approx(scaled.value(good.y), rel=1e-6)

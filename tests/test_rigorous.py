@@ -150,3 +150,118 @@ def test_spectral_norm_upper_for_tiny_and_huge_matrices(scale):
     w = np.array([[1.0, 2.0], [-0.5, 3.0]]) * scale
     s = np.linalg.norm(np.array([[1.0, 2.0], [-0.5, 3.0]]), 2) * scale
     assert s <= spectral_norm_upper(w) <= s * (1 + 1e-6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num=st.integers(1, 2**80), den=st.integers(1, 2**80), shift=st.integers(-1300, 1200),
+       negative=st.booleans())
+def test_directed_rounding_is_tight_at_every_magnitude(num, den, shift, negative):
+    x = Fraction(num, den) * Fraction(2) ** shift * (-1 if negative else 1)
+    up, down = round_up(x), round_down(x)
+    assert Fraction(up) >= x if np.isfinite(up) else x > 0
+    assert Fraction(down) <= x if np.isfinite(down) else x < 0
+    if np.isfinite(up):
+        below = np.nextafter(up, -np.inf)
+        assert not np.isfinite(below) or Fraction(float(below)) < x  # the smallest float >= x
+    if not negative:
+        s = sqrt_up(x)
+        if np.isfinite(s):
+            assert Fraction(s) ** 2 >= x and s > 0.0
+            assert Fraction(float(np.nextafter(s, 0.0))) ** 2 < x
+
+
+def test_directed_rounding_at_the_ends_of_the_float_range():
+    huge, tiny = Fraction(10) ** 400, Fraction(1, 10**400)
+    assert round_up(huge) == np.inf and round_down(huge) == np.finfo(float).max
+    assert round_up(-huge) == -np.finfo(float).max and round_down(-huge) == -np.inf
+    assert round_up(tiny) == 5e-324 and round_down(tiny) == 0.0  # never 0 for a positive value
+    assert sqrt_up(Fraction(1, 2**2200)) == 5e-324 and sqrt_up(Fraction(2) ** 2048) == np.inf
+    assert sqrt_up(Fraction(1, 2**2000)) == 2.0**-1000 and sqrt_up(0) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 7), st.integers(0, 10_000), st.floats(-1e-3, 1e-3), st.integers(0, 600))
+def test_rump_with_equilibration_never_claims_an_indefinite_matrix(n, seed, shift, spread):
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((n, n))
+    a = b @ b.T
+    a = np.tril(a) + np.tril(a, -1).T
+    a[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] + shift
+    e = rng.integers(-spread, spread + 1, n)
+    scaled = np.ldexp(a, e[:, None] + e[None, :])  # congruence by powers of two: same inertia
+    if np.array_equal(np.ldexp(scaled, -(e[:, None] + e[None, :])), a) and rump_positive_definite(scaled):
+        assert exact_is_positive_definite(scaled)
+
+
+def test_rump_proves_badly_scaled_matrices_to_their_own_precision():
+    rng = np.random.default_rng(5)
+    b = rng.standard_normal((6, 6))
+    a = b @ b.T + 0.1 * np.eye(6)
+    d = np.ldexp(1.0, np.array([0, -300, 200, -40, 400, -400]))
+    scaled = (a * d[:, None]) * d[None, :]
+    scaled = np.tril(scaled) + np.tril(scaled, -1).T
+    assert rump_positive_definite(scaled)
+    perturbed = scaled.copy()
+    perturbed[1, 1] -= 2 * perturbed[1, 1]  # indefinite
+    assert not rump_positive_definite(perturbed)
+
+
+def test_entrywise_bound_row_sums_dominate_the_scaled_bound():
+    from lipbound.program import EntrywiseBound
+
+    rng = np.random.default_rng(2)
+    sizes = (3, 4, 2)
+    pieces = []
+    for a in range(3):
+        for b in range(3):
+            if rng.random() < 0.7:
+                p = int(rng.integers(1, 4))
+                left = rng.standard_normal((sizes[a], p)) * (rng.random((sizes[a], p)) < 0.7)
+                right = rng.standard_normal((sizes[b], p))
+                w = np.abs(rng.standard_normal(p)) * 10.0 ** rng.uniform(-300, 300)
+                pieces.append((a, left, w, b, right, bool(rng.random() < 0.3)))
+    pieces.append((1, None, np.abs(rng.standard_normal(4)) * 1e-200, 1, None, False))
+    bound = EntrywiseBound(sizes, tuple(pieces))
+    s = np.ldexp(1.0, rng.integers(-200, 200, 9))
+    off = bound.offsets
+    exact = [Fraction(0)] * 9
+    for a, left, w, b, right, support in pieces:
+        lm = np.eye(w.size) if left is None else ((left != 0) * 1.0 if support else np.abs(left))
+        rm = np.eye(w.size) if right is None else ((right != 0) * 1.0 if support else np.abs(right))
+        for i in range(sizes[a]):
+            for j in range(sizes[b]):
+                entry = sum((Fraction(float(lm[i, k])) * Fraction(float(w[k])) * Fraction(float(rm[j, k]))
+                             for k in range(w.size)), Fraction(0))
+                exact[off[a] + i] += Fraction(float(s[off[a] + i])) * entry * Fraction(float(s[off[b] + j]))
+    rows = bound.row_sums(s)
+    assert all(Fraction(float(r)) >= e for r, e in zip(rows, exact, strict=True))
+
+
+@pytest.mark.parametrize("w, exact", [
+    (np.diag([1e300, 1e-320]), Fraction(1e300)),
+    (np.array([[3e-320, 0.0], [0.0, 0.0]]), Fraction(3e-320)),
+    (np.array([[1e300, 1e300], [1e300, 1e300]]), 2 * Fraction(1e300)),
+    (np.array([[1.0, 2.0**-1074], [0.0, 0.5]]), Fraction(1)),
+])
+def test_norm_bounds_at_mixed_magnitudes(w, exact):
+    from lipbound.rigorous import frobenius_bound, spectral_norm_bound
+
+    bound = spectral_norm_bound(w)
+    assert exact <= bound <= exact * (1 + Fraction(1, 10**6)) + Fraction(1, 2**1000)
+    assert frobenius_bound(w) >= exact
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 9), st.integers(0, 10_000), st.floats(8.0, 17.0), st.booleans(), st.integers(0, 40))
+def test_rump_never_claims_a_nearly_singular_indefinite_matrix(n, seed, digits, below, spread):
+    # Smallest eigenvalue within 1e-8..1e-17 of zero (either side), diagonal scaled apart: where the a posteriori
+    # constant (smaller shifts) and equilibration act. The exact rational factorisation is the oracle.
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((n, n))
+    a = b @ b.T
+    a = np.tril(a) + np.tril(a, -1).T
+    a[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] + (1 if below else -1) * 10.0**-digits
+    e = rng.integers(-spread, spread + 1, n)
+    a = np.ldexp(a, e[:, None] + e[None, :])
+    if rump_positive_definite(a):
+        assert exact_is_positive_definite(a)

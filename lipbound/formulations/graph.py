@@ -32,6 +32,7 @@ from lipbound.formulations.signal import (
 from lipbound.graph import Concat, Conv, GraphNetwork, LinearMap, Sum
 from lipbound.network import GroupSortLayer, HouseholderLayer, ImplicitLayer, SlopeRestricted
 from lipbound.program import UNIT_ROUNDOFF, gamma
+from lipbound.rigorous import exact_sum, frobenius_bound, round_up, spectral_norm_bound, sqrt_up
 
 _TINY = np.finfo(float).tiny
 # Dense coefficient matrices larger than this many entries are refused (about 3.2 GB each in float64).
@@ -231,24 +232,35 @@ def _apply_dense(a: np.ndarray, combo: dict[int, Lin], dims: dict[int, int], wha
 
 
 
-def _op_norm_l2(op) -> Fraction:
-    """A rigorous upper bound on the spectral norm of a linear node's exact matrix."""
-    from lipbound.rigorous import exact_sum, spectral_norm_upper, sqrt_up
+def _sum_up(values: np.ndarray) -> Fraction:
+    """An upper bound on the exact sum of non-negative floats: ``fsum`` (correctly rounded) one ulp up, or the
+    exact rational sum where the float sum overflows."""
+    try:
+        total = math.fsum(values.tolist())
+    except OverflowError:  # an intermediate partial sum overflowed
+        total = math.inf
+    if math.isfinite(total):
+        return Fraction(math.nextafter(total, math.inf))
+    return exact_sum(values)
 
+
+def _op_norm_l2(op) -> Fraction:
+    """A rigorous upper bound on the spectral norm of a linear node's exact matrix (exact rationals: no overflow
+    or underflow at any magnitude)."""
     a, a_err = _operator(op)
     rows, cols = a.shape
     if rows * cols <= MAX_DENSE_ENTRIES // 8:
-        bound = Fraction(spectral_norm_upper(a.toarray() if sp.issparse(a) else a))
+        bound = spectral_norm_bound(a.toarray() if sp.issparse(a) else a)
     else:
-        # ||A||_2 <= sqrt(||A||_1 ||A||_inf): rigorous from correctly rounded sums, one ulp up each.
+        # ||A||_2 <= sqrt(||A||_1 ||A||_inf).
         absa = abs(sp.csr_matrix(a))
-        row = max(math.nextafter(math.fsum(absa.getrow(i).data.tolist()), math.inf) for i in range(rows))
+        row = max((_sum_up(absa.getrow(i).data) for i in range(rows)), default=Fraction(0))
         col_sums = absa.tocsc()
-        col = max(math.nextafter(math.fsum(col_sums.getcol(j).data.tolist()), math.inf) for j in range(cols))
-        bound = Fraction(sqrt_up(Fraction(row) * Fraction(col)))
+        col = max((_sum_up(col_sums.getcol(j).data) for j in range(cols)), default=Fraction(0))
+        bound = Fraction(sqrt_up(row * col))
     if a_err is not None:
         e = a_err.data if sp.issparse(a_err) else np.asarray(a_err).ravel()
-        bound += Fraction(sqrt_up(exact_sum(e * e) * (1 + Fraction(2 * (e.size + 2), 2**53))))
+        bound += frobenius_bound(e)
     return bound
 
 
@@ -259,24 +271,21 @@ def _op_norm_linf(op, rows: np.ndarray | None = None) -> Fraction:
     if a_err is not None:
         m = m + abs(sp.csr_matrix(a_err))
     rows = range(m.shape[0]) if rows is None else rows
-    best = 0.0
-    for i in rows:
-        data = m.data[m.indptr[i]:m.indptr[i + 1]]
-        # fsum is correctly rounded, so one ulp up bounds the exact sum (a second ulp covers |a| + |err|).
-        best = max(best, math.nextafter(math.nextafter(math.fsum(data.tolist()), math.inf), math.inf))
-    return Fraction(best)
+    # The stored |a| + |err| is a rounded sum: a second ulp covers it.
+    return max((_sum_up(m.data[m.indptr[i]:m.indptr[i + 1]]) * (1 + Fraction(1, 2**52)) for i in rows),
+               default=Fraction(0))
 
 
 def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int | None = None) \
-        -> tuple[float, float]:
+        -> tuple[float, float, tuple]:
     """The matrix-product bound of a graph: each node's Lipschitz bound from its inputs' (linear nodes: operator
     norm times input bound; sums: ``sum |c_i| L_i``; concatenations: ``sqrt(sum L_i^2)`` in l2, ``max L_i`` in
     l-infinity; activations: largest |slope| times input bound; implicit layers: ``s||U|| / (1 - s||W||)``).
 
-    Returns ``(certified, estimate)`` like :func:`~lipbound.formulations.lipsdp.product_bound`.
+    Returns ``(certified, estimate, ())`` like :func:`~lipbound.formulations.lipsdp.product_bound` (no
+    rebalancing).
     """
     from lipbound.network import max_slope
-    from lipbound.rigorous import round_up, spectral_norm_upper, sqrt_up
 
     if norm == "linf":
         if output_index is None:
@@ -308,7 +317,7 @@ def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int
         elif isinstance(op, ImplicitLayer):
             s = Fraction(max_slope(op.activation))
             if norm == "l2":
-                cw, cu = Fraction(spectral_norm_upper(op.weight)), Fraction(spectral_norm_upper(op.input_weight))
+                cw, cu = spectral_norm_bound(op.weight), spectral_norm_bound(op.input_weight)
             else:
                 cw = _op_norm_linf(LinearMap(op.weight))
                 cu = _op_norm_linf(LinearMap(op.input_weight))
@@ -319,4 +328,4 @@ def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int
         else:
             raise FormulationError(f"mp: node '{node.name}' ({type(op).__name__}) has no product bound.")
     cert = bounds[graph.output]
-    return round_up(cert), float(cert)
+    return round_up(cert), round_up(cert), ()

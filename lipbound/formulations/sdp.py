@@ -22,6 +22,7 @@ chain of layer-sized LMIs); the certificate's repair then uses one norm bound pe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -30,10 +31,11 @@ import scipy.sparse as sp
 
 from lipbound.errors import FormulationError
 from lipbound.formulations import qcs
-from lipbound.formulations.signal import Lin, SignalModel, lmul, lmul_inexact
-from lipbound.network import max_slope
+from lipbound.formulations.scaling import choose_exponents, slope_exponents
+from lipbound.formulations.signal import Lin, SignalModel, SignalStage, lmul, lmul_inexact, rescaled
+from lipbound.network import GroupSortLayer, HouseholderLayer, SlopeRestricted, max_slope
 from lipbound.program import LMI, Program, Term
-from lipbound.rigorous import exact_sum, round_up, spectral_norm_estimate, spectral_norm_upper, sqrt_up
+from lipbound.rigorous import frobenius_bound, next_down, next_up, round_up, spectral_norm_bound
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,33 +57,31 @@ class LipschitzProblem:
 def _norm_upper(lin: Lin, n: int) -> Fraction:
     if lin.mat is None:
         return Fraction(2) ** lin.power
-    bound = Fraction(spectral_norm_upper(lin.mat)) * Fraction(2) ** lin.power
+    bound = spectral_norm_bound(lin.mat)
     if lin.err is not None:
-        bound += Fraction(sqrt_up(exact_sum((lin.err * lin.err).ravel()) * (1 + Fraction(2 * (lin.err.size + 2),
-                                                                                          2**53))))
-    return bound
+        bound += frobenius_bound(lin.err)
+    return bound * Fraction(2) ** lin.power
 
 
-def _float_norm(lin: Lin) -> float:
-    return float(np.ldexp(1.0 if lin.mat is None else spectral_norm_estimate(lin.mat), lin.power))
+def _map_norm(model: SignalModel, b: int, lin: Lin) -> Fraction:
+    """Rigorous norm of the map from block ``b``'s signal (for block 0: from ``dx``, through ``W_in``, as one
+    product so that a balanced split of ``W_in`` costs nothing)."""
+    if b == 0:
+        lin = lmul_inexact(lin, model.input_map, None)
+    return _norm_upper(lin, model.coefficient_dim(b))
 
 
-def _signal_gains(model: SignalModel, rigorous: bool, scales: list[int] | None = None):
-    """Upper bounds ``g_b >= ||v_b|| / ||dx||`` (rigorous Fractions, or float estimates)."""
-    norm = (lambda lin, n: _norm_upper(lin, n)) if rigorous else (lambda lin, n: Fraction(_float_norm(lin)))
-    w_in = Fraction(spectral_norm_upper(model.input_map)) if rigorous else Fraction(
-        spectral_norm_estimate(model.input_map))
-    gains = [Fraction(1)]
+def _signal_gains(model: SignalModel) -> list[Fraction | None]:
+    """Rigorous upper bounds ``g_b >= ||v_b|| / ||dx||`` (Fractions; None past a non-contractive self-loop)."""
+    gains: list[Fraction | None] = [Fraction(1)]
     for k, stage in enumerate(model.stages, start=1):
         s = Fraction(max_slope(stage.layer))
         total, self_gain = Fraction(0), None
         for b, lin in stage.pre.items():
-            nb = model.coefficient_dim(b)
             if b == k:
-                self_gain = norm(lin, nb)
+                self_gain = _norm_upper(lin, stage.width)
                 continue
-            gb = w_in if b == 0 else gains[b]
-            total += norm(lin, nb) * gb
+            total += _map_norm(model, b, lin) * gains[b]
         if self_gain is not None:
             contraction = s * self_gain
             gains.append(s * total / (1 - contraction) if contraction < 1 else None)
@@ -89,13 +89,130 @@ def _signal_gains(model: SignalModel, rigorous: bool, scales: list[int] | None =
             gains.append(s * total)
         if gains[-1] is None:
             break
-    return gains, w_in
+    return gains
 
 
-def _power(x: Fraction | float | None) -> int:
-    if x is None or x <= 0:
-        return 0
-    return int(np.round(np.log2(float(x))))
+def _expand_exponents(exponents, model: SignalModel) -> tuple[int, list[tuple[np.ndarray, np.ndarray | None]], int]:
+    """Validate ``(e_in, E_1, ..., E_m, e_out)`` into per-neuron ``(exponents, factors)`` of every stage.
+
+    ``E_k`` is an int (factor ``2^E_k`` for the block), a sequence of ints (one power of two per neuron) or
+    ``{"exponents": [...], "factors": [...]}`` (factor ``f_i 2^e_i`` per neuron, ``f_i`` a positive float).
+    Factors must be equal within every GroupSort/Householder group (other scalings would break those QCs). They
+    are split exactly into a power of two and a mantissa in ``[1, 2)``.
+    """
+    m = len(model.stages)
+    exponents = tuple(exponents)
+    if len(exponents) != m + 2:
+        raise FormulationError(f"expected {m + 2} scaling exponents (input, one per stage, output), got "
+                               f"{len(exponents)}.")
+    blocks = []
+    for k, (e, stage) in enumerate(zip(exponents[1:m + 1], model.stages, strict=True), start=1):
+        what = f"scaling of stage {k} ('{stage.name}')"
+        if isinstance(e, dict):
+            if set(e) != {"exponents", "factors"}:
+                raise FormulationError(f"{what}: a dict entry must be {{'exponents': [...], 'factors': [...]}}, got "
+                                       f"keys {sorted(e)}.")
+            d = np.asarray(e["factors"], dtype=np.float64).reshape(-1)
+            whole = np.asarray(e["exponents"]).reshape(-1)
+            if d.shape != (stage.width,) or not np.all(np.isfinite(d)) or np.any(d <= 0) or \
+                    whole.shape != (stage.width,) or not np.issubdtype(whole.dtype, np.integer):
+                raise FormulationError(f"{what}: needs {stage.width} integer exponents and {stage.width} positive "
+                                       "finite factors.")
+            mant, expo = np.frexp(d)
+            exps, factors = whole.astype(np.int64) + expo.astype(np.int64) - 1, 2 * mant
+        else:
+            arr = np.asarray(e).reshape(-1)
+            if arr.size == 1:
+                arr = np.full(stage.width, arr[0])
+            if arr.shape != (stage.width,) or not np.issubdtype(arr.dtype, np.integer):
+                raise FormulationError(f"{what}: needs one integer exponent or {stage.width} of them.")
+            exps, factors = arr.astype(np.int64), None
+        layer = stage.layer
+        if isinstance(layer, (GroupSortLayer, HouseholderLayer)):
+            for vec in (exps, factors):
+                per_group = None if vec is None else vec.reshape(layer.n_groups, layer.group_size)
+                if per_group is not None and np.any(per_group != per_group[:, :1]):
+                    raise FormulationError(f"{what}: must be equal within each group of {layer.group_size} "
+                                           "(GroupSort/Householder QCs need it).")
+        blocks.append((exps, None if factors is None or np.all(factors == 1.0) else factors))
+    ends = []
+    for e in (exponents[0], exponents[m + 1]):
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)):
+            raise FormulationError(f"input/output scaling exponents must be integers, got {e!r}.")
+        ends.append(int(e))
+    return ends[0], blocks, ends[1]
+
+
+def _compact(e: np.ndarray) -> int | np.ndarray:
+    """One integer for a uniform exponent vector (keeps identity maps implicit), else the vector."""
+    return int(e[0]) if np.all(e == e[0]) else e
+
+
+def _normalised_slopes(layer, g: np.ndarray):
+    """The layer with sector ``[alpha / 2^g, beta / 2^g]`` (rounded outward where that is inexact)."""
+    if not isinstance(layer, SlopeRestricted) or not np.any(g):
+        return layer
+    alpha, beta = np.ldexp(layer.alpha, -g), np.ldexp(layer.beta, -g)
+    alpha = np.where(np.ldexp(alpha, g) != layer.alpha, next_down(alpha), alpha)
+    beta = np.where(np.ldexp(beta, g) != layer.beta, next_up(beta), beta)
+    return layer.with_slopes(alpha, beta)
+
+
+def scaled_signal_model(model: SignalModel, slope_mode: str, exponents=None) -> tuple[SignalModel, int, tuple]:
+    """The signal model in scaled coordinates, the output exponent, and the exponents used.
+
+    Slopes are normalised (:func:`~lipbound.formulations.scaling.slope_exponents`, an exact reparametrisation)
+    and every block is scaled by its factors (``exponents`` as in :func:`lipschitz_problem`; chosen from the data
+    by :func:`~lipbound.formulations.scaling.choose_exponents` when None): stage maps become
+    ``D_k^-1 P_kb D_b``, the output ``2^-e_out C_b D_b``, the input map ``W_in / 2^e_in``, with error bounds for
+    whatever is inexact. ``slope_mode`` is ``"neuron"`` or ``"layer"``.
+    """
+    slope_exp = [slope_exponents(stage.layer, slope_mode) for stage in model.stages]
+    if exponents is None:
+        exponents = choose_exponents(model, slope_mode, slope_exp)
+    e_in, e_blocks, e_out = _expand_exponents(exponents, model)
+
+    def reader_exp(b: int) -> int | np.ndarray:
+        """Exponents of what block ``b``'s readers see: the congruence and the slope normalisation."""
+        return e_in if b == 0 else _compact(e_blocks[b - 1][0] + slope_exp[b - 1])
+
+    def mantissa(b: int) -> np.ndarray | None:
+        return None if b == 0 else e_blocks[b - 1][1]
+
+    w_in = np.ldexp(model.input_map, -e_in)
+    if not np.array_equal(np.ldexp(w_in, e_in), model.input_map):
+        raise FormulationError(f"scaling the input map by 2^-{e_in} is not exact (entries near the subnormal range); "
+                               "use a smaller input exponent.")
+    pre = [{b: rescaled(lin, _compact(e_blocks[k - 1][0]), reader_exp(b), model.coefficient_dim(b), mantissa(k),
+                        mantissa(b))
+            for b, lin in stage.pre.items()} for k, stage in enumerate(model.stages, start=1)]
+    out = {b: rescaled(lin, e_out, reader_exp(b), model.coefficient_dim(b), None, mantissa(b))
+           for b, lin in model.output.items()}
+    stages = tuple(SignalStage(_normalised_slopes(s.layer, g), p_, s.name, s.groups)
+                   for s, p_, g in zip(model.stages, pre, slope_exp, strict=True))
+    return SignalModel(model.input_dim, w_in, stages, out, model.output_dim, model.notes), e_out, tuple(exponents)
+
+
+def signal_product_bound(model: SignalModel, exponents=None) -> tuple[float, float, tuple]:
+    """Product bound over the signal model's paths, in balanced coordinates: ``(certified, estimate, exponents)``.
+
+    With ``g_b`` the rigorous norm-product gains of the scaled block signals (``g_k = s_k sum_b ||P_kb|| g_b``,
+    divided by ``1 - s_k ||P_kk||`` for a contractive self-loop), ``L <= 2^e_out sum_b ||C_b|| g_b``. For a chain
+    this is the product of the layer norms of the rebalanced network ``D_k^-1 W_k D_k+1`` (the factors of
+    LipSDP-Layer: one per block unless a block is badly balanced, see
+    :func:`~lipbound.formulations.scaling.choose_exponents`): valid for every element-wise activation since
+    diagonal slope matrices commute with ``D`` (and for GroupSort/Householder, whose Jacobians commute with
+    group-constant factors).
+    """
+    scaled, e_out, exponents = scaled_signal_model(model, "layer", exponents)
+    gains = _signal_gains(scaled)
+    if len(gains) <= len(scaled.stages) or any(g is None for g in gains):
+        return math.inf, math.inf, exponents
+    total = Fraction(0)
+    for b, lin in scaled.output.items():
+        total += _map_norm(scaled, b, lin) * gains[b]
+    total *= Fraction(2) ** e_out
+    return round_up(total), round_up(total), exponents
 
 
 def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "neuron", coupled: bool = False,
@@ -104,7 +221,6 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
     """Build the l2 or l-infinity program of a signal model (see module docstring)."""
     if norm not in ("l2", "linf"):
         raise FormulationError(f"unknown norm {norm!r}; use 'l2' or 'linf'.")
-    m = len(model.stages)
     if norm == "linf":
         if output_index is None:
             if model.output_dim != 1:
@@ -114,27 +230,9 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
         if not 0 <= output_index < model.output_dim:
             raise FormulationError(f"output_index {output_index} out of range for {model.output_dim} outputs.")
 
-    # -- scaling exponents (power of two per block), from float gain estimates
-    if exponents is None:
-        est, w_in_est = _signal_gains(model, rigorous=False)
-        est = [g if g is not None else Fraction(1) for g in est]
-        out_est = sum((Fraction(_float_norm(lin)) * (w_in_est if b == 0 else est[b])
-                       for b, lin in model.output.items()), Fraction(0))
-        exponents = (_power(w_in_est),) + tuple(_power(g) for g in est[1:]) + (_power(out_est),)
-    exponents = tuple(int(e) for e in exponents)
-    if len(exponents) != m + 2:
-        raise FormulationError(f"expected {m + 2} scaling exponents, got {len(exponents)}.")
-    e_in, e_blocks, e_out = exponents[0], (0,) + exponents[1:m + 1], exponents[m + 1]
-
-    def block_exp(b: int) -> int:
-        return e_in if b == 0 else e_blocks[b]
-
-    w_in = np.ldexp(model.input_map, -e_in)
-    if not np.array_equal(np.ldexp(w_in, e_in), model.input_map):
-        raise FormulationError("power-of-two scaling of the input map is not exact (subnormal entries).")
-    pre = [{b: lin.scaled(block_exp(b) - e_blocks[k]) for b, lin in stage.pre.items()}
-           for k, stage in enumerate(model.stages, start=1)]
-    out = {b: lin.scaled(block_exp(b) - e_out) for b, lin in model.output.items()}
+    model, e_out, exponents = scaled_signal_model(model, slope_mode, exponents)
+    w_in, out = model.input_map, model.output
+    pre = [stage.pre for stage in model.stages]
 
     # -- variables
     var_blocks: list[qcs.VariableBlock] = [qcs.VariableBlock("rho", 1, True)]
@@ -168,7 +266,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
         if b == 0:
             if r_factor is not None:
                 return Lin(np.ldexp(r_factor, x.power) if x.mat is None else r_factor @ x.materialised().mat)
-            return lmul(w_in.T, x)
+            return lmul(w_in.T, x).materialised()
         if x.mat is None:
             n = model.stages[b - 1].width
             return x if x.power == 0 else Lin(np.ldexp(np.eye(n), x.power))
@@ -231,10 +329,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
         return blocks, terms
 
     # -- rigorous norm bounds of the (scaled) block signals for the certificate's repair weights
-    scaled_model = SignalModel(model.input_dim, w_in, tuple(type(s)(s.layer, p_, s.name, s.groups)
-                                                            for s, p_ in zip(model.stages, pre, strict=True)),
-                               out, model.output_dim)
-    gains, _ = _signal_gains(scaled_model, rigorous=True)
+    gains = _signal_gains(model)
     if norm == "linf":
         gains.append(None)  # the t block: its "signal" is the constant 1, handled below
 
@@ -260,7 +355,7 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
             if rho_home in remap:
                 rho_lmi, rho_block = ci, remap[rho_home]
         return Program(tuple(lmis), n_vars, objective, nonneg, tuple(weights),
-                       "sqrt" if norm == "l2" else "linear", float(np.ldexp(1.0, e_out)), rho_index=0,
+                       "sqrt" if norm == "l2" else "linear", e_out, rho_index=0,
                        rho_block=rho_block, rho_lmi=rho_lmi, rho_weight=1.0 if norm == "l2" else 2.0,
                        variables=tuple(variables), name=name)
 

@@ -40,9 +40,11 @@ _TINY = np.finfo(float).tiny
 
 @dataclass(frozen=True, eq=False)
 class Lin:
-    """A linear map ``2^power * mat`` (``mat=None``: ``2^power * I``) with entrywise error bound ``err``.
+    """A linear map ``2^power * mat`` (``mat=None``: ``2^power * I``) with entrywise error bound ``2^power * err``.
 
-    ``err`` bounds the distance of ``2^power * mat`` to the exact map; ``None`` means exact.
+    ``err`` (in the units of ``mat``) bounds the distance of ``mat`` to ``2^-power`` times the exact map; ``None``
+    means exact. Keeping the power apart lets products of extreme weights (``1e200 * 1e200``) stay representable
+    until the scaling brings them back to O(1).
     """
 
     mat: np.ndarray | None
@@ -53,62 +55,126 @@ class Lin:
         return np.ldexp(np.eye(n) if self.mat is None else self.mat, self.power)
 
     def materialised(self) -> Lin:
-        """Same map with ``power`` folded into ``mat`` (identity stays implicit)."""
+        """Same map with ``power`` folded into ``mat`` (identity stays implicit); entries that fall below the
+        normal range are off by at most ``2^-1075`` each, which joins the error bound."""
         if self.mat is None or self.power == 0:
             return self
-        return Lin(np.ldexp(self.mat, self.power), self.err, 0)
+        mat, err = _ldexp_tracked(self.mat, self.err, self.power)
+        return Lin(mat, err, 0)
 
     def scaled(self, power: int) -> Lin:
         """Multiply by ``2**power`` (exact)."""
-        return Lin(self.mat, None if self.err is None else np.ldexp(self.err, power), self.power + power)
+        return Lin(self.mat, self.err, self.power + int(power))
 
     @property
     def T(self) -> Lin:  # noqa: N802 - the transpose, as in numpy
         return Lin(None if self.mat is None else self.mat.T, None if self.err is None else self.err.T, self.power)
 
 
+def _ldexp_tracked(mat: np.ndarray, err: np.ndarray | None, shift) -> tuple[np.ndarray, np.ndarray | None]:
+    """``mat * 2^shift`` and its error bound scaled alike (rounded up); entries that lose bits below the normal
+    range (at most ``2^-1075`` each) are added to the error bound. Overflow is an error."""
+    out = np.ldexp(mat, shift)
+    if not np.all(np.isfinite(out)):
+        raise FormulationError("a scaled weight product overflows the float64 range; the network's weights are too "
+                               "large to be represented even after power-of-two scaling.")
+    err = None if err is None else _ldexp_up(err, shift)
+    inexact = np.ldexp(out, -np.asarray(shift)) != mat
+    if np.any(inexact):
+        err = (0.0 if err is None else err) + np.where(inexact, 2.0**-1074, 0.0)
+    return out, err
+
+
+def _normalised(lin: Lin) -> Lin:
+    """The same map with ``mat``'s largest entry in ``[1/2, 1)`` (the rest moved into ``power``)."""
+    if lin.mat is None:
+        return lin
+    big = float(np.max(np.abs(lin.mat), initial=0.0))
+    if big == 0.0 or not np.isfinite(big):
+        return lin
+    e = int(np.frexp(big)[1])
+    if e == 0:
+        return lin
+    mat, err = _ldexp_tracked(lin.mat, lin.err, -e)
+    return Lin(mat, err, lin.power + e)
+
+
+def rescaled(lin: Lin, row_exp: int | np.ndarray, col_exp: int | np.ndarray, n_cols: int,
+             row_factor: np.ndarray | None = None, col_factor: np.ndarray | None = None) -> Lin:
+    """``diag(r)^-1 A diag(c)`` for ``A = lin`` (``n_cols`` columns), with ``r = 2^row_exp row_factor`` and
+    ``c = 2^col_exp col_factor`` (scalars broadcast; factors None mean 1).
+
+    The powers of two are exact in binary floating point except where a scaled entry falls below the normal
+    range (each such entry is off by at most ``2^-1075``); factors (in ``[1, 2)``) cost two roundings per entry.
+    Both join the error bound (error bounds are scaled with upward rounding).
+    """
+    if np.isscalar(row_exp) and np.isscalar(col_exp) and row_factor is None and col_factor is None:
+        return lin.scaled(int(col_exp) - int(row_exp))
+    base = lin if lin.mat is not None else Lin(np.eye(n_cols), None, lin.power)
+    shift = np.atleast_1d(np.asarray(col_exp, dtype=np.int64))[None, :] - \
+        np.atleast_1d(np.asarray(row_exp, dtype=np.int64))[:, None] + base.power
+    mat, err = _ldexp_tracked(base.mat, base.err, np.broadcast_to(shift, base.mat.shape))
+    if row_factor is None and col_factor is None:
+        return Lin(mat, err)
+    c = np.ones(mat.shape[1]) if col_factor is None else np.broadcast_to(col_factor, (mat.shape[1],))
+    r = np.ones(mat.shape[0]) if row_factor is None else np.broadcast_to(row_factor, (mat.shape[0],))
+    scaled = (mat * c[None, :]) / r[:, None]
+    # Two roundings per entry (relative 2u + u^2) plus underflow; error bounds scale up with upward rounding.
+    rounding = np.where(mat != 0, 3 * UNIT_ROUNDOFF * np.abs(scaled) + 2.0**-1073, 0.0)
+    if err is not None:
+        rounding = rounding + np.nextafter(np.nextafter(err * c[None, :], np.inf) / r[:, None], np.inf)
+    return Lin(scaled, np.nextafter(rounding, np.inf))
+
+
+def _ldexp_up(x: np.ndarray, shift) -> np.ndarray:
+    """``x * 2^shift`` rounded up (``x >= 0``)."""
+    out = np.ldexp(x, shift)
+    return np.where(np.ldexp(out, -np.asarray(shift)) < x, np.nextafter(out, np.inf), out)
+
+
 def lmul(a: np.ndarray | None, b: Lin, n: int | None = None) -> Lin:
-    """``A @ B`` with ``A`` exact data (``None`` = identity) and a rigorous error bound."""
+    """``A @ B`` with ``A`` exact data (``None`` = identity) and a rigorous error bound (in ``mat`` units)."""
     if a is None:
         return b
     if b.mat is None:
-        return Lin(np.ldexp(a, b.power), None)
-    b = b.materialised()
+        return _normalised(Lin(a, None, b.power))
+    b = _normalised(b)
     prod = a @ b.mat
     a_abs = np.abs(a)
     err = gamma(a.shape[1] + 2) * (a_abs @ np.abs(b.mat))
     if b.err is not None:
         err = err + (1 + 4 * UNIT_ROUNDOFF) * (a_abs @ b.err)
     if not np.any(err):
-        return Lin(prod, None)
-    return Lin(prod, err * (1 + 1e-12) + _TINY)
+        return _normalised(Lin(prod, None, b.power))
+    return _normalised(Lin(prod, err * (1 + 1e-12) + _TINY, b.power))
 
 
 def lmul_inexact(a: Lin, f: np.ndarray | None, f_err: np.ndarray | None) -> Lin:
-    """``A @ F`` where both may carry error bounds (``F=None``: identity)."""
+    """``A @ F`` where both may carry error bounds (``F=None``: identity; ``f_err`` absolute)."""
     if f is None:
         return a
     if a.mat is None:
-        return Lin(np.ldexp(f, a.power), None if f_err is None else np.ldexp(f_err, a.power))
-    a = a.materialised()
-    out = lmul(a.mat, Lin(f))
+        return Lin(f, f_err, a.power)
+    a = _normalised(a)
+    out = lmul(a.mat, Lin(f)).materialised()
     err = 0 if out.err is None else out.err
     if f_err is not None:
         err = err + (1 + 1e-12) * (np.abs(a.mat) @ f_err)
     if a.err is not None:
         err = err + (1 + 1e-12) * (a.err @ (np.abs(f) + (0 if f_err is None else f_err)))
-    return Lin(out.mat, None if np.isscalar(err) else err + _TINY)
+    return Lin(out.mat, None if np.isscalar(err) else err + _TINY, a.power)
 
 
 def ladd(a: Lin, b: Lin, n: int) -> Lin:
-    """``A + B`` (implicit identities made dense) with error bound."""
-    am, bm = a.dense(n), b.dense(n)
-    s = am + bm
+    """``A + B`` (implicit identities made dense) with error bound, at the larger of the two powers."""
+    p = max(a.power, b.power)
+    parts = [_ldexp_tracked(np.eye(n) if x.mat is None else x.mat, x.err, x.power - p) for x in (a, b)]
+    s = parts[0][0] + parts[1][0]
     err = UNIT_ROUNDOFF * np.abs(s)
-    for e in (a.err, b.err):
+    for _, e in parts:
         if e is not None:
             err = err + e
-    return Lin(s, err * (1 + 1e-12) + _TINY)
+    return _normalised(Lin(s, err * (1 + 1e-12) + _TINY, p))
 
 
 def combine(terms: dict[int, Lin], extra: dict[int, Lin], n: int) -> dict[int, Lin]:

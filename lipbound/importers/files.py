@@ -122,7 +122,9 @@ def _load_safetensors(path: Path, activation, activation_params):
     try:
         from safetensors.torch import load_file
     except ImportError as exc:
-        raise NetworkError("reading .safetensors needs the 'safetensors' package (pip install safetensors).") from exc
+        raise NetworkError(
+            "reading .safetensors needs the 'safetensors' package (pip install 'lipbound[safetensors]')."
+        ) from exc
     try:
         state = load_file(str(path))
     except Exception as exc:

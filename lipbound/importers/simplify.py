@@ -4,7 +4,8 @@
   columns of a matrix is exact;
 * a multiplication by a power of two next to an exact linear map is folded into it (exact unless it over- or
   underflows, which is checked);
-* an added constant after an exact linear map is folded into its bias when the sum is exact.
+* an added constant after an exact linear map is folded into its bias when the sum is exact;
+* a concatenation of exact linear maps of the same node becomes one linear map (the matrices stacked).
 
 So a model written with ``torch.flatten``, ``x.view(...)``, ``2.0 * self.fc(x)`` stays a chain of dense layers
 (:meth:`~lipbound.graph.GraphNetwork.to_network`), while everything else keeps its structure.
@@ -17,7 +18,7 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
-from lipbound.graph import GraphNetwork, LinearMap, Node, Sum, prune
+from lipbound.graph import Concat, GraphNetwork, LinearMap, Node, Sum, prune
 
 
 def _is_selection(op) -> bool:
@@ -95,6 +96,11 @@ def simplify(graph: GraphNetwork) -> GraphNetwork:
             for j in n.inputs:
                 consumers[j] += 1
         for i, node in enumerate(nodes):
+            stacked = _stacked_concat(nodes, i, consumers, output)
+            if stacked is not None:
+                nodes[i] = stacked
+                changed = True
+                break
             if i == 0 or len(node.inputs) != 1:
                 continue
             j = node.inputs[0]
@@ -123,6 +129,27 @@ def simplify(graph: GraphNetwork) -> GraphNetwork:
             pruned, output = prune(nodes, output)
             nodes = list(pruned)
     return GraphNetwork(tuple(nodes), output, graph.name)
+
+
+def _stacked_concat(nodes: list[Node], i: int, consumers: list[int], output: int) -> Node | None:
+    """A concatenation of exact linear maps of one and the same node (each used only here) is one linear map with
+    the matrices stacked (no arithmetic, so exact): e.g. the minima and maxima of one GroupSort, concatenated."""
+    node = nodes[i]
+    if not isinstance(node.op, Concat) or len(node.inputs) < 2:
+        return None
+    parts = [nodes[j] for j in node.inputs]
+    if any(j == output or consumers[j] != 1 or not isinstance(p.op, LinearMap) or not p.op.exact
+           or len(p.inputs) != 1 for j, p in zip(node.inputs, parts, strict=True)):
+        return None
+    if len({p.inputs[0] for p in parts}) != 1 or len(set(node.inputs)) != len(node.inputs):
+        return None
+    sparse = all(sp.issparse(p.op.matrix) for p in parts)
+    matrix = sp.vstack([p.op.sparse() for p in parts], format="csr") if sparse else np.vstack(
+        [p.op.dense() for p in parts])
+    bias = np.concatenate([p.op.bias for p in parts])
+    kinds = {p.op.kind for p in parts}
+    return Node(node.name, LinearMap(matrix, bias, kind=kinds.pop() if len(kinds) == 1 else "linear"),
+                parts[0].inputs, node.shape)
 
 
 def _is_identity(op: LinearMap) -> bool:

@@ -29,16 +29,19 @@ def get_solver(name: str):
     from lipbound.solvers.cvxpy_backend import CvxpySolver
 
     key = name.lower()
-    if key == "native":
+    if key in NATIVE:
         from lipbound.solvers.native import NativeSolver
 
-        return NativeSolver()
+        return NativeSolver(None if key == "native" else key.split("-", 1)[1])
     if key in CvxpySolver.NAMES:
         return CvxpySolver(key)
     raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)} or 'auto'.")
 
 
-SOLVERS = ("clarabel", "scs", "mosek", "sdpa", "native")
+#: The native solver's names: ``native`` picks the dense or chordal layout per LMI from a cost model; the others
+#: force one (for benchmarks).
+NATIVE = ("native", "native-dense", "native-chordal")
+SOLVERS = ("clarabel", "scs", "mosek", "sdpa") + NATIVE
 
 
 def available_solvers() -> list[str]:
@@ -48,7 +51,7 @@ def available_solvers() -> list[str]:
     installed = set(cp.installed_solvers())
     names = {"clarabel": "CLARABEL", "scs": "SCS", "mosek": "MOSEK", "sdpa": "SDPA"}
     # The native solver needs only torch, a hard dependency: it is always available.
-    return [k for k, v in names.items() if v in installed] + ["native"]
+    return [k for k, v in names.items() if v in installed] + list(NATIVE)
 
 
 # Measured here (2 cores, LipSDP-Neuron on 784-n-n-10): the native solver reaches a 1e-9 relative gap in

@@ -1,0 +1,95 @@
+"""LMI programs: the assembly's entrywise rounding bound holds against exact rational arithmetic at any magnitude."""
+
+from fractions import Fraction
+
+import numpy as np
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lipbound.program import LMI, Term
+
+
+def _fractions(a: np.ndarray) -> list:
+    return [[Fraction(float(x)) for x in row] for row in np.atleast_2d(a)]
+
+
+def _random_term(rng, sizes, n_vars, magnitude):
+    """A random term and its exact data: factors, the exact coefficients and constant (the stored ones are
+    their roundings), and exact factors within the stored error bounds."""
+    r = int(rng.integers(len(sizes)))
+    c = int(rng.integers(len(sizes)))
+    kind = rng.integers(3)
+    rank = sizes[r] if kind == 0 else int(rng.integers(1, 4))
+    if kind == 0:  # identity on a diagonal block
+        c, left, right = r, None, None
+    else:
+        left = rng.standard_normal((sizes[r], rank)) * 10.0 ** rng.uniform(-magnitude, magnitude)
+        right = left if (r == c and kind == 1) else rng.standard_normal((sizes[c], rank)) * 10.0 ** rng.uniform(
+            -magnitude, magnitude)
+    mirror = r == c and left is not right and kind != 0
+    # Exact coefficients a * b whose float product may underflow (coef_ops = 1 rounding each).
+    a = rng.standard_normal((rank, n_vars)) * 10.0 ** rng.uniform(-magnitude, magnitude, (rank, n_vars))
+    b = rng.standard_normal((rank, n_vars)) * 10.0 ** rng.uniform(-magnitude, magnitude, (rank, n_vars))
+    mask = rng.random((rank, n_vars)) < 0.6
+    exact_coef = [[Fraction(float(a[i, j])) * Fraction(float(b[i, j])) if mask[i, j] else Fraction(0)
+                   for j in range(n_vars)] for i in range(rank)]
+    stored = sp.csr_matrix(np.where(mask, a * b, 0.0))
+    const = rng.standard_normal(rank) if rng.random() < 0.5 else None
+    left_err = right_err = None
+    exact_left, exact_right = left, right
+    if left is not None and rng.random() < 0.5:
+        left_err = np.abs(left) * 1e-10 + 1e-300
+        exact_left = [[Fraction(float(x)) + Fraction(float(e)) * Fraction(int(rng.integers(-4, 5)), 4)
+                       for x, e in zip(row, erow, strict=True)] for row, erow in zip(left, left_err, strict=True)]
+        if right is left:
+            right_err, exact_right = left_err, exact_left
+    term = Term(r, c, left, right, stored, const, coef_ops=1, left_err=left_err, right_err=right_err, mirror=mirror)
+    return term, exact_left, exact_right, exact_coef
+
+
+def _exact_matrix(sizes, terms, y) -> list:
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    n = int(off[-1])
+    m = [[Fraction(0)] * n for _ in range(n)]
+    yf = [Fraction(float(v)) for v in y]
+    for term, left, right, coef in terms:
+        d = [sum((coef[k][j] * yf[j] for j in range(len(yf))), Fraction(0))
+             + (Fraction(float(term.const[k])) if term.const is not None else 0) for k in range(len(coef))]
+        rank = len(d)
+        eye = [[Fraction(int(i == k)) for k in range(rank)] for i in range(rank)]
+        lf = eye if left is None else (left if isinstance(left, list) else _fractions(left))
+        rf = eye if right is None else (right if isinstance(right, list) else _fractions(right))
+        for i in range(len(lf)):
+            for j in range(len(rf)):
+                val = sum((lf[i][k] * d[k] * rf[j][k] for k in range(rank)), Fraction(0))
+                gi, gj = off[term.row] + i, off[term.col] + j
+                m[gi][gj] += val
+                if term.row != term.col or term.mirror:
+                    m[gj][gi] += val
+    return m
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), magnitude=st.sampled_from([0.0, 5.0, 100.0, 160.0]))
+def test_rounding_bound_holds_against_exact_arithmetic(seed, magnitude):
+    rng = np.random.default_rng(seed)
+    sizes = tuple(int(s) for s in rng.integers(1, 4, size=int(rng.integers(1, 4))))
+    n_vars = 3
+    terms = [_random_term(rng, sizes, n_vars, magnitude) for _ in range(int(rng.integers(1, 6)))]
+    lmi = LMI(sizes, tuple(t[0] for t in terms))
+    y = rng.standard_normal(n_vars) * 10.0 ** rng.uniform(-magnitude, magnitude, n_vars)
+    computed = lmi.assemble(y)
+    if not np.all(np.isfinite(computed)):
+        return
+    exact = _exact_matrix(sizes, terms, y)
+    bound = lmi.rounding_bound(y)
+    # The entrywise bound as a matrix (its float evaluation rounded generously up) against every entry.
+    dense = bound.dense()
+    if not np.all(np.isfinite(dense)):
+        return  # an infinite bound holds trivially (and makes the certificate fail, soundly)
+    ent = np.nextafter(dense * (1 + 1e-12), np.inf)
+    n = lmi.size
+    for i in range(n):
+        for j in range(n):
+            assert abs(Fraction(float(computed[i, j])) - exact[i][j]) <= Fraction(float(ent[i, j])), (i, j)
