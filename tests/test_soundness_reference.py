@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import lipbound
 from lipbound import Affine, Network
+from lipbound.graph import Conv, GraphNetwork, LinearMap, Sum
 from lipbound.network import HouseholderLayer, ImplicitLayer
 from lipbound.soundness import FAMILIES, Reference, network_from_dict, network_to_dict, reproduce, trial_seed
 from lipbound.soundness.reference import ACTIVATIONS, DISCOUNT_BITS, row_l1_norm, spectral_norm
@@ -20,10 +21,26 @@ def _floats(values) -> np.ndarray:
     return np.array([float(v) for v in values])
 
 
+#: Families that import models while drawing (torch, ONNX): a refused import is a campaign finding, not a draw.
+IMPORTING = ("cnn", "onnx")
+
+
+def _networks(family: str, seed: int, n: int) -> list:
+    """The networks of ``n`` trials (those whose model the importer refuses are skipped: at most half)."""
+    out = []
+    for i in range(n):
+        try:
+            out.append(reproduce(family, trial_seed(seed, i)).network)
+        except lipbound.LipboundError:
+            if family not in IMPORTING:
+                raise
+    assert 2 * len(out) >= n, f"{family}: the importer refused {n - len(out)} of {n} drawn models"
+    return out
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "extreme-scale"])
 def test_reference_agrees_with_the_ir_forward(family):
-    for i in range(6):
-        net = reproduce(family, trial_seed(11, i)).network
+    for i, net in enumerate(_networks(family, 11, 6)):
         ref = Reference(net)
         x = np.random.default_rng(i).standard_normal((3, net.input_dim)) * 2
         y = net.forward(torch.tensor(x)).numpy()
@@ -119,14 +136,30 @@ def test_householder_reference_reflects_with_exact_unit_vectors():
     assert _floats(ref([1.0, 1.0])).tolist() == [1.0, 1.0]  # v^T z > 0: identity
 
 
+def _same_linear_operators(a, b) -> bool:
+    """Whether two networks (chains or graphs) have bit-identical weights, biases and error bounds."""
+    if isinstance(a, GraphNetwork):
+        def data(op):
+            if isinstance(op, LinearMap):
+                return [op.dense(), op.bias, op.dense_err(), op.bias_err]
+            if isinstance(op, Conv):
+                return [op.weight, op.bias, op.weight_err]
+            return [np.array(op.coefficients), np.array(op.errors)] if isinstance(op, Sum) else []
+        return len(a.nodes) == len(b.nodes) and all(
+            type(m.op) is type(n.op) and m.inputs == n.inputs and m.shape == n.shape
+            and all((u is None and v is None) or np.array_equal(u, v) for u, v in zip(data(m.op), data(n.op),
+                                                                                      strict=True))
+            for m, n in zip(a.nodes, b.nodes, strict=True))
+    return all(np.array_equal(u.weight, v.weight) and np.array_equal(u.bias, v.bias)
+               for u, v in zip(a.affines, b.affines, strict=True))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_network_descriptions_round_trip_through_json(family):
-    for i in range(3):
-        net = reproduce(family, trial_seed(5, i)).network
+    for i, net in enumerate(_networks(family, 5, 3)):
         again = network_from_dict(json.loads(json.dumps(network_to_dict(net))))
         assert again.summary() == net.summary()
-        for a, b in zip(again.affines, net.affines, strict=True):
-            assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)
+        assert _same_linear_operators(again, net)
         x = torch.tensor(np.random.default_rng(i).standard_normal((4, net.input_dim)))
         y, y2 = net.forward(x), again.forward(x)
         assert torch.allclose(y, y2, rtol=1e-12, atol=0) or not torch.all(torch.isfinite(y))

@@ -2,6 +2,8 @@
 against an independent lower bound (``lipbound bench soundness``).
 
 * :mod:`~lipbound.soundness.families`: what is drawn (networks, runs, domains, known constants);
+* :mod:`~lipbound.soundness.graph_families`: graph networks (skip connections, CNNs from torch and ONNX),
+  registered in :data:`FAMILIES` here;
 * :mod:`~lipbound.soundness.search`: float64 search for input pairs with large difference quotients;
 * :mod:`~lipbound.soundness.reference`: the judge, the network's function in 256-bit arithmetic;
 * :mod:`~lipbound.soundness.campaign`: trials, verdicts, the per-family summary and its JSON.
@@ -26,8 +28,11 @@ from lipbound.soundness.campaign import (
 )
 from lipbound.soundness.description import network_from_dict, network_to_dict
 from lipbound.soundness.families import FAMILIES, Case, Family, Run
-from lipbound.soundness.reference import Reference
+from lipbound.soundness.graph_families import GRAPH_FAMILIES
+from lipbound.soundness.reference import OnnxReference, Reference
 
-__all__ = ["DEFAULT_TRIALS", "FAMILIES", "Case", "Family", "Reference", "Run", "format_table", "lower_bound_of",
-           "network_from_dict", "network_to_dict", "reproduce", "run_campaign", "run_trial", "summarize",
-           "trial_seed"]
+FAMILIES.update({family.name: family for family in GRAPH_FAMILIES})
+
+__all__ = ["DEFAULT_TRIALS", "FAMILIES", "Case", "Family", "OnnxReference", "Reference", "Run", "format_table",
+           "lower_bound_of", "network_from_dict", "network_to_dict", "reproduce", "run_campaign", "run_trial",
+           "summarize", "trial_seed"]

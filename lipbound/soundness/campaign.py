@@ -205,7 +205,8 @@ def run_trial(family: str, seed: int, index: int = 0, time_limit: float | None =
     """Draw the case of ``(family, seed)``, certify every run and judge it; returns the trial's record.
 
     A violation or crash adds the network's JSON description, the witness pair and a one-line reproducer per
-    failing run to the record.
+    failing run to the record. When the family cannot draw its network because the library fails while building
+    it (an importer), the record has one pseudo-run ``draw``, ``refused`` or ``crash``.
 
     Examples
     --------
@@ -214,7 +215,10 @@ def run_trial(family: str, seed: int, index: int = 0, time_limit: float | None =
     ('exact', {'ok'})
     """
     start = time.perf_counter()
-    case = reproduce(family, seed)
+    try:
+        case = reproduce(family, seed)
+    except Exception as exc:  # the library failed on a drawn model (an importer refusing or crashing)
+        return _draw_failure(family, seed, index, exc, start)
     from lipbound.api import domain_to_dict
 
     record: dict = {"family": family, "index": index, "seed": seed, "variant": case.variant,
@@ -238,6 +242,20 @@ def run_trial(family: str, seed: int, index: int = 0, time_limit: float | None =
             r["reproduce"] = _reproducer(family, seed, run)
     record["time_s"] = time.perf_counter() - start
     return record
+
+
+def _draw_failure(family: str, seed: int, index: int, exc: Exception, start: float) -> dict:
+    """The record of a trial whose network could not be built: families that import models (torch, ONNX) call
+    the library while drawing, so its errors are findings. One pseudo-run ``draw`` says ``refused`` (a
+    :class:`~lipbound.errors.LipboundError`, e.g. an operator the importer does not read) or ``crash``."""
+    status, key = ("refused", "reason") if isinstance(exc, LipboundError) else ("crash", "error")
+    run = {"run": "draw", "status": status, key: f"{type(exc).__name__}: {exc}",
+           "reproduce": f"from lipbound.soundness import reproduce; reproduce({family!r}, {seed})"}
+    if status == "crash":
+        run["traceback"] = traceback.format_exc(limit=-6)
+    return {"family": family, "index": index, "seed": seed, "variant": "draw failed", "network": None,
+            "params": {}, "norm": None, "output_index": None, "domain": None, "runs": [run],
+            "time_s": time.perf_counter() - start}
 
 
 _STATUSES = ("ok", "violation", "crash", "refused", "uncertified", "certified_inf")

@@ -6,7 +6,9 @@ vectors when it is built, and normalising an already normalised float vector may
 reflection it describes is the same up to that rounding. The exact reproduction of a campaign trial is
 :func:`lipbound.soundness.reproduce` (family and seed), which rebuilds the very same objects.
 
-Each IR stage type has one writer and one reader below; a new stage type (a graph node) adds one of each.
+Each IR stage type has one writer and one reader below, and each graph operator one of each
+(:class:`~lipbound.graph.GraphNetwork`: nodes with their inputs and shapes; sparse matrices as coordinate lists);
+a new stage type or graph operator adds one of each.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse as sp
 
 from lipbound.activations import ActivationSpec
 from lipbound.errors import NetworkError
+from lipbound.graph import Concat, Conv, GraphNetwork, Input, LinearMap, Node, Sum
 from lipbound.network import (
     Affine,
     GroupSortLayer,
@@ -112,8 +116,68 @@ def stage_from_dict(data: dict):
     return reader(data)
 
 
-def network_to_dict(network: Network) -> dict:
-    """A JSON-ready description of ``network`` (every layer's weights and parameters).
+def _matrix_to_dict(m) -> dict | list | None:
+    """A dense matrix as nested lists, a sparse one as its shape and coordinate lists."""
+    if m is None:
+        return None
+    if sp.issparse(m):
+        coo = m.tocoo()
+        return {"shape": list(coo.shape), "rows": coo.row.tolist(), "cols": coo.col.tolist(),
+                "values": _numbers(coo.data)}
+    return _numbers(m)
+
+
+def _matrix_from_dict(data):
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        return sp.csr_matrix((_array(data["values"]), (data["rows"], data["cols"])), shape=tuple(data["shape"]))
+    return _array(data)
+
+
+def _optional(array) -> list | None:
+    return None if array is None else _numbers(np.asarray(array))
+
+
+_OP_WRITERS: dict[type, Callable] = {
+    Input: lambda op: {"type": "input", "shape": list(op.shape)},
+    LinearMap: lambda op: {"type": "linear_map", "kind": op.kind, "matrix": _matrix_to_dict(op.matrix),
+                           "bias": _numbers(op.bias), "err": _matrix_to_dict(op.err),
+                           "bias_err": _optional(op.bias_err)},
+    Conv: lambda op: {"type": "conv", "kind": op.kind, "weight": _numbers(op.weight), "bias": _numbers(op.bias),
+                      "in_shape": list(op.in_shape), "stride": list(op.stride), "padding": list(op.padding),
+                      "dilation": list(op.dilation), "groups": op.groups, "weight_err": _optional(op.weight_err)},
+    Sum: lambda op: {"type": "sum", "coefficients": list(op.coefficients), "errors": list(op.errors)},
+    Concat: lambda op: {"type": "concat"},
+}
+
+_OP_READERS: dict[str, Callable] = {
+    "input": lambda d: Input(tuple(d["shape"])),
+    "linear_map": lambda d: LinearMap(_matrix_from_dict(d["matrix"]), _array(d["bias"]),
+                                      _matrix_from_dict(d["err"]),
+                                      None if d["bias_err"] is None else _array(d["bias_err"]), kind=d["kind"]),
+    "conv": lambda d: Conv(_array(d["weight"]), _array(d["bias"]), tuple(d["in_shape"]), tuple(d["stride"]),
+                           tuple(d["padding"]), tuple(d["dilation"]), d["groups"],
+                           None if d["weight_err"] is None else _array(d["weight_err"]), kind=d["kind"]),
+    "sum": lambda d: Sum(tuple(d["coefficients"]), tuple(d["errors"])),
+    "concat": lambda d: Concat(),
+}
+
+
+def _node_to_dict(node: Node) -> dict:
+    writer = _OP_WRITERS.get(type(node.op))
+    op = writer(node.op) if writer is not None else stage_to_dict(node.op)
+    return {"name": node.name, "inputs": list(node.inputs), "shape": list(node.shape), "op": op}
+
+
+def _node_from_dict(data: dict) -> Node:
+    reader = _OP_READERS.get(data["op"].get("type"))
+    op = reader(data["op"]) if reader is not None else stage_from_dict(data["op"])
+    return Node(data["name"], op, tuple(data["inputs"]), tuple(data["shape"]))
+
+
+def network_to_dict(network: Network | GraphNetwork) -> dict:
+    """A JSON-ready description of ``network`` (every layer's or node's weights and parameters).
 
     Examples
     --------
@@ -123,10 +187,22 @@ def network_to_dict(network: Network) -> dict:
     >>> again = network_from_dict(json.loads(json.dumps(network_to_dict(net))))
     >>> again.summary() == net.summary(), bool(np.array_equal(again.weights[1], net.weights[1]))
     (True, True)
+    >>> from lipbound.graph import GraphBuilder
+    >>> b = GraphBuilder((2,))
+    >>> graph = b.build(b.add([b.input, b.activation(b.input, "relu")], [1.0, -0.5]), name="skip")
+    >>> network_from_dict(json.loads(json.dumps(network_to_dict(graph)))).summary() == graph.summary()
+    True
     """
+    if isinstance(network, GraphNetwork):
+        return {"name": network.name, "graph": True, "output": network.output,
+                "nodes": [_node_to_dict(node) for node in network.nodes]}
     return {"name": network.name, "layers": [stage_to_dict(layer) for layer in network.layers]}
 
 
-def network_from_dict(data: dict) -> Network:
-    """The :class:`~lipbound.network.Network` described by :func:`network_to_dict`."""
+def network_from_dict(data: dict) -> Network | GraphNetwork:
+    """The :class:`~lipbound.network.Network` or :class:`~lipbound.graph.GraphNetwork` described by
+    :func:`network_to_dict`."""
+    if data.get("graph"):
+        return GraphNetwork(tuple(_node_from_dict(d) for d in data["nodes"]), data["output"],
+                            data.get("name", "network"))
     return Network(tuple(stage_from_dict(d) for d in data["layers"]), data.get("name", "network"))

@@ -6,10 +6,11 @@ A :class:`Family` draws a :class:`Case` from a random generator: a network, the 
 and compares it with an independent lower bound. Everything a family draws comes from the generator, so a case
 is rebuilt exactly from its family and seed (:func:`lipbound.soundness.reproduce`).
 
-Adding a family (e.g. graph networks with convolutions and skip connections) means writing one sampler that
-returns a :class:`Case` and registering it in :data:`FAMILIES`; the lower-bound search only calls the network's
-``forward`` and the judge (:class:`~lipbound.soundness.reference.Reference`) needs a multiple-precision evaluator
-for each new node type (``reference.STAGES``), or the case brings its own ``reference``.
+Adding a family means writing one sampler that returns a :class:`Case` and registering it in :data:`FAMILIES`
+(the graph families of :mod:`lipbound.soundness.graph_families` are registered by the package); the lower-bound
+search only calls the network's ``forward`` and the judge (:class:`~lipbound.soundness.reference.Reference`)
+needs a multiple-precision evaluator for each new stage type or graph operator (``reference.STAGES``,
+``reference.GRAPH_OPS``), or the case brings its own ``reference``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 
 from lipbound.activations import ActivationSpec
+from lipbound.api import plan_methods
 from lipbound.bounds import Ball, Box
+from lipbound.graph import GraphNetwork
 from lipbound.network import (
     Affine,
     GroupSortLayer,
@@ -70,7 +73,7 @@ class Case:
 
     Attributes
     ----------
-    network : Network
+    network : Network or GraphNetwork
         What every run certifies.
     runs : tuple of Run
     variant : str
@@ -83,7 +86,7 @@ class Case:
         constant itself: ``||W_L ... W_0||`` of a linear or nonnegative zero-bias ReLU chain, ...).
     exact_kind : str
         How ``exact`` is known.
-    search_network : Network, optional
+    search_network : Network or GraphNetwork, optional
         A float64-friendly network with the same good input pairs, used to *search* for pairs (e.g. the network
         rescaled by powers of two when its weights are 1e-300); the pairs are then judged on ``network``.
         ``None``: search on ``network``.
@@ -100,7 +103,7 @@ class Case:
         :class:`~lipbound.soundness.reference.Reference` of ``network``.
     """
 
-    network: Network
+    network: Network | GraphNetwork
     runs: tuple[Run, ...]
     variant: str
     norm: str = "l2"
@@ -108,7 +111,7 @@ class Case:
     domain: Box | Ball | None = None
     exact: Any = None
     exact_kind: str = ""
-    search_network: Network | None = None
+    search_network: Network | GraphNetwork | None = None
     pairs: tuple = ()
     params: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)
@@ -216,8 +219,9 @@ def _kinds_of(network: Network) -> set[str]:
 
 def runs_for(network: Network, rng: np.random.Generator, solver: str = "native",
              methods: tuple[str, ...] | None = None, **options) -> tuple[Run, ...]:
-    """Every method that applies to ``network`` (``mp`` always; LipSDP-Layer/Neuron for slope-restricted stages;
-    NSR always, coupled too when a GroupSort/Householder stage is present; RR for slope and MaxMin stages).
+    """Every method that applies to ``network`` (``mp`` always; LipSDP-Layer/Neuron for slope-restricted stages,
+    and LipSDP-Channel when some of them are convolutional; NSR always, coupled too when a GroupSort/Householder
+    stage is present; RR for slope and MaxMin stages).
 
     On a network with slope-restricted stages only, NSR and RR build the very program of LipSDP-Neuron; they are
     included in one trial of three (drawn from ``rng``), which keeps their dispatch covered at a third of the cost.
@@ -229,6 +233,8 @@ def runs_for(network: Network, rng: np.random.Generator, solver: str = "native",
     duplicates = rng.random() < 1 / 3
     if slope_only:
         runs += [Run("lipsdp-layer", solver, opts), Run("lipsdp-neuron", solver, opts)]
+        if "lipsdp-channel" in plan_methods(network).run:
+            runs.append(Run("lipsdp-channel", solver, opts))
     if duplicates or not slope_only:
         runs.append(Run("lipsdp-nsr", solver, opts))
     if not slope_only:
