@@ -14,7 +14,7 @@ import numpy as np
 from torch import nn
 
 from lipbound.certificate import Certificate, certify_multipliers, check_program
-from lipbound.errors import FormulationError, OptionError, SolverError
+from lipbound.errors import FormulationError, LipboundError, OptionError, SolverError
 from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound
 from lipbound.importers import from_torch, load
 from lipbound.network import Network
@@ -303,20 +303,43 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     sizes.update(problem.program.sizes)
     sizes["solve_lmi_sizes"] = [lmi.size for lmi in problem.solve_program.lmis]
     timings = {"formulate_s": t_form, "solve_s": t_solve, "check_s": time.perf_counter() - start - t_form - t_solve}
-    if report.certified:
-        log.info("%s: certified %.10g (check %.2f s)", method, report.bound, timings["check_s"])
+    upper, certified, reason, notes = report.bound, report.certified, report.reason, list(problem.notes)
+    if result.status != "optimal" or not certified:
+        # LipSDP's optimum is never above the product bound; a solve that stopped short may be. Then the product
+        # bound is the certificate (recorded in the options, so that verify_certificate re-checks it too).
+        fallback = _product_fallback(network, norm, output_index, upper if certified else math.inf)
+        if fallback is not None:
+            mp_bound, mp_exponents = fallback
+            notes.append(f"the solver stopped ('{result.status}') with " + (
+                f"certified bound {upper:.6g}" if certified else f"no certified bound ({reason})") +
+                f"; the product bound {mp_bound:.6g} is smaller and is reported (LipSDP's optimum is never above "
+                "it).")
+            options["product_fallback"] = {"exponents": list(mp_exponents)}
+            upper, certified, reason = mp_bound, True, ""
+    if certified:
+        log.info("%s: certified %.10g (check %.2f s)", method, upper, timings["check_s"])
     else:
-        log.warning("certification failed for %s/%s: %s", method, solver_name, report.reason)
+        log.warning("certification failed for %s/%s: %s", method, solver_name, reason)
     return Certificate(
-        upper_bound=report.bound, certified=report.certified, solver_bound=problem.solve_program.value(result.y),
-        method=method, solver=solver_name, norm=norm, status=result.status, reason=report.reason,
+        upper_bound=upper, certified=certified, solver_bound=problem.solve_program.value(result.y),
+        method=method, solver=solver_name, norm=norm, status=result.status, reason=reason,
         time_s=time.perf_counter() - start, sizes=sizes,
         eigen_defect=max(raw.eigen_defects) if raw.eigen_defects else None,
         delta=max(report.deltas) if report.deltas else None,
         repair_weight=max(report.repair_weights) if report.repair_weights else None,
         deltas=[float(d) for d in report.deltas],
         multipliers=[float(v) for v in y], exponents=list(problem.exponents), network=network.summary(),
-        timings=timings, options=options, notes=list(problem.notes), solver_info=_jsonable(result.info))
+        timings=timings, options=options, notes=notes, solver_info=_jsonable(result.info))
+
+
+def _product_fallback(network, norm: str, output_index, than: float):
+    """``(bound, exponents)`` of the product bound when it is finite and smaller than ``than``, else None."""
+    try:
+        bound, _, exponents = product_bound(network, norm, output_index)
+    except (LipboundError, ArithmeticError) as exc:
+        log.info("no product bound to fall back on: %s", exc)
+        return None
+    return (bound, exponents) if math.isfinite(bound) and bound < than else None
 
 
 def _jsonable(info: dict) -> dict:
@@ -486,9 +509,18 @@ def _verify(cert: Certificate, network: Network) -> Verification:
                                 bool(opts.get("coupled", False)), tuple(cert.exponents))
         report = check_program(problem.program, np.asarray(cert.multipliers, dtype=np.float64),
                                delta_hints=tuple(float(d) for d in cert.deltas) or None)
-        if not report.certified:
+        fallback = opts.get("product_fallback")
+        if isinstance(fallback, dict):  # the product bound was smaller than what the solve reached
+            problem_text = _exponents_problem(fallback.get("exponents"))
+            if problem_text:
+                return Verification(False, None, f"product_fallback: {problem_text}")
+            mp, _, _ = product_bound(network, cert.norm, opts.get("output_index"),
+                                     tuple(fallback["exponents"]) or None)
+            bound = min(mp, report.bound) if report.certified else mp
+        elif not report.certified:
             return Verification(False, None, report.reason)
-        bound = report.bound
+        else:
+            bound = report.bound
     if bound <= cert.upper_bound:
         return Verification(True, bound)
     return Verification(False, bound, f"recomputed certified bound {bound!r} exceeds the claimed "

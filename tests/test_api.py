@@ -378,3 +378,20 @@ def test_tampered_certificates_never_raise_and_never_validate_a_false_bound(case
     if domain is None and cert["norm"] == "l2":
         lower = max(lower, _global_lower(case))
     assert claimed >= lower * (1 - 1e-9), (claimed, lower, json.dumps(cert)[:300])
+
+
+def test_stopped_solve_never_certifies_above_the_product_bound():
+    # Two interior-point iterations leave the multipliers far from the optimum: the repaired SDP bound is above
+    # the product bound, which is then the certificate (issue 12: LipSDP <= MP); verify_certificate re-checks it.
+    rng = np.random.default_rng(3)
+    net = lipbound.from_weights([rng.standard_normal((6, 4)), rng.standard_normal((6, 6)),
+                                 rng.standard_normal((2, 6))], "relu")
+    mp = lipbound.certify(net, method="mp")
+    cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
+    assert cert.status != "optimal" and cert.certified
+    assert cert.upper_bound <= mp.upper_bound
+    assert "product_fallback" in cert.options  # seed 3: the repaired bound after two iterations is above MP
+    assert cert.upper_bound == mp.upper_bound and "product bound" in cert.notes[-1]
+    assert lipbound.verify_certificate(cert.to_json(), net).valid
+    forged = lipbound.Certificate.from_dict({**cert.to_dict(), "upper_bound": cert.upper_bound * 0.9})
+    assert not lipbound.verify_certificate(forged, net).valid

@@ -356,7 +356,8 @@ class _Graph:
                 if groups[k - 1] is not None:
                     log_in = _group_sum(log_in, groups[k - 1])
                     log_out = _group_sum(log_out, groups[k - 1])
-                new = (log_in - log_out) / 4  # squared norms: d^2 = in / out
+                with np.errstate(invalid="ignore"):  # inf - inf (a dead neuron): kept as it was, below
+                    new = (log_in - log_out) / 4  # squared norms: d^2 = in / out
                 ok = np.isfinite(new)
                 t[k] = np.where(ok, new, t[k])
         return t[1:]
