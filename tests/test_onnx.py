@@ -388,6 +388,22 @@ def test_decomposed_gelu_certifies_like_the_torch_module(dtype):
     assert cert.certified and abs(cert.upper_bound - expected.upper_bound) <= 1e-9 * expected.upper_bound
 
 
+def test_erf_gelu_of_a_gelu_and_under_a_skip_connection():
+    # The campaign's onnx family: GELU(GELU(h)) and GELU(h) - h were refused as "not a known activation" (the
+    # second Erf read the first GELU's pending expression; the Sub mixed it with another tensor).
+    torch.manual_seed(1)
+    module = Fn(lambda s, x: s.b(F.gelu(F.gelu(s.a(x))) - 0.5 * s.a(x)), a=_lin(4, 6), b=_lin(6, 2)).double()
+    model = export(module, (4,), False, opset=17)
+    assert sum(n.op_type == "Erf" for n in model.graph.node) == 2
+    net = from_onnx(model)
+    assert sum(getattr(getattr(n.op, "activation", None), "name", "") == "gelu" for n in net.nodes) == 2
+    x = torch.randn(7, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(net(x).numpy(), module(x).numpy(), 1e-12)
+    cert = lipbound.certify(model, method="lipsdp-neuron")
+    assert cert.certified and cert.upper_bound >= lipbound.lower_bound(net, n_starts=4, steps=20).value
+
+
 SOUNDNESS_CASES = {
     "conv_skip_avgpool": (lambda: Fn(lambda s, x: s.l(torch.flatten(F.avg_pool2d(torch.relu(s.c2(torch.relu(s.c1(x))))
                                                                                   + s.c1(x), 2), 1)),

@@ -115,14 +115,22 @@ class PatternOps:
             raise Unrepresentable(f"an element-wise expression combined with a constant of shape {c.shape}")
         return ("const", Fraction(float(c.reshape(-1)[0]))), None, ()
 
-    def _expr_binary(self, kind: str, x, y, label: str) -> Expression:
-        """``x + y`` or ``x * y`` where one operand is a pending expression (or both are input-dependent)."""
+    def _expr_binary(self, kind: str, x, y, label: str) -> Expression | NodeValue:
+        """``x + y`` or ``x * y`` where one operand is a pending expression (or both are input-dependent). A
+        product that completes a known activation becomes its graph nodes at once, so that what follows (a second
+        GELU of it, a skip connection) sees an ordinary tensor."""
         tx, sx, srcx = self._as_tree(x, "an operand")
         ty, sy, srcy = self._as_tree(y, "an operand")
         shapes = {s for s in (sx, sy) if s is not None}
         if len(shapes) != 1:
             raise Unrepresentable(f"an element-wise expression of tensors of shapes {sorted(shapes)}")
-        return Expression((kind, tx, ty), shapes.pop(), tuple(dict.fromkeys(srcx + srcy + (label,))))
+        expr = Expression((kind, tx, ty), shapes.pop(), tuple(dict.fromkeys(srcx + srcy + (label,))))
+        if kind == "mul":
+            try:
+                return self._materialise(expr)
+            except Unrepresentable:
+                pass
+        return expr
 
     def _expr_neg(self, y):
         """``-y`` as an expression tree (for ``Sub`` of or from an expression)."""
