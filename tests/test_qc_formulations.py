@@ -258,3 +258,15 @@ def test_lmi_assembly_is_exactly_symmetric_and_matches_the_dense_definition(case
             m = lmi.assemble(y)
             assert np.array_equal(m, m.T)
             assert np.array_equal(m, _reference_assembly(lmi, y))
+
+
+def test_rr_names_a_maxmin_inside_an_implicit_layer():
+    from lipbound.network import ImplicitLayer
+
+    rng = np.random.default_rng(0)
+    net = Network.from_layers([Affine(rng.standard_normal((4, 3))),
+                               ImplicitLayer(0.05 * rng.standard_normal((4, 4)), rng.standard_normal((4, 4)),
+                                             GroupSortLayer(4, 2), np.zeros(4), name="eq"),
+                               Affine(rng.standard_normal((2, 4)))])
+    with pytest.raises(lipbound.FormulationError, match="inside an implicit layer"):
+        lipbound.certify(net, method="lipsdp-rr")

@@ -100,10 +100,12 @@ def lipsdp_rr(network: Network, norm: str = "l2", output_index: int | None = Non
               exponents: tuple[int, ...] | None = None, reduce_input: bool = True) -> LipschitzProblem:
     """LipSDP-RR baseline: every MaxMin layer rewritten as ``H z + G ReLU(Wt z)``, then LipSDP-Neuron."""
     model = _signal(network, maxmin_as_relu=True)
-    bad = [(s.layer.name, type(s.layer).__name__) for s in model.stages if not isinstance(s.layer, SlopeRestricted)]
+    bad = [f"{s.layer.name} (a {type(s.layer).__name__} inside an implicit layer: the rewrite is not applied there)"
+           if k in s.pre else f"{s.layer.name} ({type(s.layer).__name__})"  # a self-loop: an implicit layer
+           for k, s in enumerate(model.stages, start=1) if not isinstance(s.layer, SlopeRestricted)]
     if bad:
-        raise FormulationError("lipsdp-rr rewrites MaxMin (group size 2) only; not applicable to: "
-                               + ", ".join(f"{n} ({t})" for n, t in bad))
+        raise FormulationError("lipsdp-rr rewrites MaxMin (group size 2) layers of feed-forward and residual "
+                               "networks only; not applicable to: " + ", ".join(bad))
     return lipschitz_problem(model, norm, "neuron", False, output_index, exponents, reduce_input, name="lipsdp-rr")
 
 
