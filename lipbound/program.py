@@ -109,8 +109,9 @@ class EntrywiseBound:
 
     Each piece ``(a, L, w, b, R, support)`` bounds the entries of block ``(a, b)``: ``L`` has the rows of block
     ``a`` and ``R`` those of block ``b`` (``None``: the identity), ``w >= 0`` one weight per column; with
-    ``support`` set, ``|L|`` and ``|R|`` are replaced by the indicators of their non-zeros (for per-operation
-    underflow). The bound need not be symmetric itself. What Rump's test needs is the row sums of ``D |E| D`` for a
+    ``support`` True, ``|L|`` and ``|R|`` are replaced by the indicators of their non-zeros (for per-operation
+    underflow); ``"left"`` or ``"right"`` replaces that side only (an underflow in ``L diag(d)`` carried through
+    ``R``). The bound need not be symmetric itself. What Rump's test needs is the row sums of ``D |E| D`` for a
     positive diagonal scaling ``D`` (:meth:`row_sums`), which bound ``E`` in the Gershgorin sense:
     ``D E D >= -diag(row sums)``. Keeping the factors (instead of, say, a rank-one Cauchy-Schwarz bound) keeps the
     bound zero where the exact entries are structurally zero, which matters once rows are scaled far apart.
@@ -146,7 +147,8 @@ class EntrywiseBound:
         n = int(off[-1])
         out = np.zeros((n, n))
         for a, left, w, b, right, support in self.pieces:
-            lm, rm = _magnitude(left, support, w.size), _magnitude(right, support, w.size)
+            lm = _magnitude(left, _side(support, "left"), w.size)
+            rm = _magnitude(right, _side(support, "right"), w.size)
             out[off[a]:off[a + 1], off[b]:off[b + 1]] += (lm * w) @ rm.T
         return out
 
@@ -166,14 +168,20 @@ class EntrywiseBound:
         ops = 8
         for a, left, w, b, right, support in self.pieces:
             sa, sb = s[off[a]:off[a + 1]], s[off[b]:off[b + 1]]
-            t = w * (sb if right is None else _magnitude(right, support, w.size).T @ sb)
-            out[off[a]:off[a + 1]] += sa * (t if left is None else _magnitude(left, support, w.size) @ t)
-            reach = sa * (w if left is None else _magnitude(left, support, w.size) @ w)
+            lm = None if left is None else _magnitude(left, _side(support, "left"), w.size)
+            t = w * (sb if right is None else _magnitude(right, _side(support, "right"), w.size).T @ sb)
+            out[off[a]:off[a + 1]] += sa * (t if lm is None else lm @ t)
+            reach = sa * (w if lm is None else lm @ w)
             lost[off[a]:off[a + 1]] += (sb.size + 4) * (reach + 1) + (w.size + 4) * sa
             ops = max(ops, sb.size + w.size + 8)
         ops += len(self.pieces)
         out = out * (1.0 + 4.0 * ops * UNIT_ROUNDOFF) + 2 * _SUBNORMAL * lost * (1.0 + 4.0 * ops * UNIT_ROUNDOFF)
         return np.nextafter(out + ops * _SUBNORMAL, np.inf)
+
+
+def _side(support: bool | str, side: str) -> bool:
+    """Whether a piece's ``support`` flag replaces its ``side`` ("left" or "right") by the indicator."""
+    return support is True or support == side
 
 
 def _magnitude(factor: np.ndarray | None, support: bool, size: int) -> np.ndarray:
@@ -276,6 +284,10 @@ class LMI:
                 continue
             # (left, weights, right, support): float error, underflow, inexact factors dL R + L dR + dL dR
             parts = [(t.left, weight, t.right, False), (t.left, underflow, t.right, True)]
+            if t.left is not None and t.right is not None:
+                # product() forms (L diag(d)) R^T: an entry of L diag(d) that underflows is off by up to 2^-1075,
+                # and R multiplies that error (a tiny L d times a huge R).
+                parts.append((t.left, underflow, t.right, "left"))
             if t.left_err is not None:
                 right_abs = np.abs(t.right) if t.right is not None else np.eye(t.rank)
                 if t.right_err is not None:
@@ -283,9 +295,10 @@ class LMI:
                 parts.append((t.left_err, true, right_abs, False))
             if t.right_err is not None:
                 parts.append((t.left, true, t.right_err, False))
+            flipped = {"left": "right", "right": "left"}
             for left, w, right, support in parts:
                 pieces.append((t.row, left, w, t.col, right, support))
-                pieces.append((t.col, right, w, t.row, left, support))
+                pieces.append((t.col, right, w, t.row, left, flipped.get(support, support)))
         return EntrywiseBound(tuple(int(b) for b in self.block_sizes), tuple(pieces))
 
     def vectorized(self, n_vars: int) -> tuple[sp.csr_matrix, np.ndarray]:

@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import numpy as np
 import scipy.sparse as sp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lipbound.program import LMI, Term
@@ -72,6 +72,7 @@ def _exact_matrix(sizes, terms, y) -> list:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), magnitude=st.sampled_from([0.0, 5.0, 100.0, 160.0]))
+@example(seed=287, magnitude=100.0)  # L diag(d) underflowed (1e-316) and R (1e66) carried the error (a CI run)
 def test_rounding_bound_holds_against_exact_arithmetic(seed, magnitude):
     rng = np.random.default_rng(seed)
     sizes = tuple(int(s) for s in rng.integers(1, 4, size=int(rng.integers(1, 4))))
