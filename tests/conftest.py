@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import os
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import lipbound
 from lipbound import Affine, Network
 from lipbound.activations import ActivationSpec
 from lipbound.network import GroupSortLayer, HouseholderLayer, ImplicitLayer, ResidualBlock, SlopeRestricted
+
+# Property tests draw the same examples on every run (CI must not fail at random); HYPOTHESIS_PROFILE=explore
+# draws new ones each run (and more of them) to hunt for counterexamples.
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", derandomize=False, max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
