@@ -288,22 +288,45 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
                            time_s=time.perf_counter() - start, sizes=sizes, network=network.summary(),
                            options=options, exponents=list(scaling))
     log.info("%s: formulating the %s program", method, norm)
-    problem = build_problem(network, method, norm, output_index, coupled, reduce_input=reduce_input)
-    t_form = time.perf_counter() - start
-    if solver_name == "auto":
-        solver_name = choose_solver(problem.solve_program)
-        check_solver_options(solver_name, solver_options)
-    result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)
-    t_solve = time.perf_counter() - start - t_form
-    log.info("%s: %s returned '%s' after %.2f s; rigorous check of its answer (LMI sizes %s)", method, solver_name,
-             result.status, t_solve, [lmi.size for lmi in problem.program.lmis])
-    device = solver_options.get("device") if solver_name.startswith("native") else None
-    report, y, raw = certify_multipliers(problem.program, result.y, polish=polish, device=device,
-                                         solve_program=problem.solve_program)
+    timings = {"formulate_s": 0.0, "solve_s": 0.0, "check_s": 0.0}
+
+    def attempt(exponents):
+        nonlocal solver_name
+        tick = time.perf_counter()
+        problem = build_problem(network, method, norm, output_index, coupled, exponents, reduce_input=reduce_input)
+        timings["formulate_s"] += time.perf_counter() - tick
+        if solver_name == "auto":
+            solver_name = choose_solver(problem.solve_program)
+            check_solver_options(solver_name, solver_options)
+        tick = time.perf_counter()
+        result = get_solver(solver_name).solve(problem.solve_program, verbose=verbose, **solver_options)
+        timings["solve_s"] += time.perf_counter() - tick
+        log.info("%s: %s returned '%s' after %.2f s; rigorous check of its answer (LMI sizes %s)", method,
+                 solver_name, result.status, time.perf_counter() - tick, [lmi.size for lmi in problem.program.lmis])
+        tick = time.perf_counter()
+        device = solver_options.get("device") if solver_name.startswith("native") else None
+        checked = certify_multipliers(problem.program, result.y, polish=polish, device=device,
+                                      solve_program=problem.solve_program)
+        timings["check_s"] += time.perf_counter() - tick
+        return problem, result, checked
+
+    problem, result, (report, y, raw) = attempt(None)
+    notes = list(problem.notes)
+    if result.status != "optimal" or not report.certified:
+        # The searched scaling levels can be far off on deep signed nets (the program is then badly scaled and
+        # the solve stops short): one retry with block levels from norm products alone; the better one stands.
+        log.info("%s: the solve stopped ('%s'); retrying with norm-product scaling", method, result.status)
+        retry = attempt("norm")
+        rep2 = retry[2][0]
+        if rep2.certified and (not report.certified or rep2.bound < report.bound):
+            notes.append(f"the solve at the data-driven scaling stopped ('{result.status}', " + (
+                f"certified {report.bound:.6g}" if report.certified else "not certified") +
+                "); this certificate comes from a second solve with norm-product scaling levels.")
+            problem, result, (report, y, raw) = retry
+            notes = list(problem.notes) + notes
     sizes.update(problem.program.sizes)
     sizes["solve_lmi_sizes"] = [lmi.size for lmi in problem.solve_program.lmis]
-    timings = {"formulate_s": t_form, "solve_s": t_solve, "check_s": time.perf_counter() - start - t_form - t_solve}
-    upper, certified, reason, notes = report.bound, report.certified, report.reason, list(problem.notes)
+    upper, certified, reason = report.bound, report.certified, report.reason
     if result.status != "optimal" or not certified:
         # LipSDP's optimum is never above the product bound; a solve that stopped short may be. Then the product
         # bound is the certificate (recorded in the options, so that verify_certificate re-checks it too).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import math
 
 import numpy as np
@@ -380,14 +381,17 @@ def test_tampered_certificates_never_raise_and_never_validate_a_false_bound(case
     assert claimed >= lower * (1 - 1e-9), (claimed, lower, json.dumps(cert)[:300])
 
 
-def test_stopped_solve_never_certifies_above_the_product_bound():
-    # Two interior-point iterations leave the multipliers far from the optimum: the repaired SDP bound is above
-    # the product bound, which is then the certificate (issue 12: LipSDP <= MP); verify_certificate re-checks it.
+def test_stopped_solve_never_certifies_above_the_product_bound(caplog):
+    # Two interior-point iterations leave the multipliers far from the optimum: certify retries once with
+    # norm-product scaling levels, the repaired SDP bounds are above the product bound, which is then the
+    # certificate (issue 12: LipSDP <= MP); verify_certificate re-checks it.
     rng = np.random.default_rng(3)
     net = lipbound.from_weights([rng.standard_normal((6, 4)), rng.standard_normal((6, 6)),
                                  rng.standard_normal((2, 6))], "relu")
     mp = lipbound.certify(net, method="mp")
-    cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
+    assert "retrying with norm-product scaling" in caplog.text
     assert cert.status != "optimal" and cert.certified
     assert cert.upper_bound <= mp.upper_bound
     assert "product_fallback" in cert.options  # seed 3: the repaired bound after two iterations is above MP

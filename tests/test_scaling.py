@@ -216,3 +216,16 @@ def test_closed_forms_are_below_the_certified_bound_at_every_magnitude(act, seed
         assert sum(exps) > 1000 and "overflow" in cert.reason
         return
     assert exact_norm_at_most(exact_product(weights, slope), cert.upper_bound)
+
+
+def test_norm_product_levels_on_request():
+    # exponents="norm": block levels from norm products only (certify's retry after a stopped solve); the
+    # worst-direction search finds the 64-layer chain's cancellations (output level 2^-52 here), the norm
+    # product does not (2^-1).
+    from lipbound.formulations.lipsdp import lipsdp
+
+    net = signed_chain(64, 6)
+    searched, plain = lipsdp(net, "neuron").exponents, lipsdp(net, "neuron", "norm").exponents
+    assert plain[-1] > searched[-1] + 10
+    with pytest.raises(lipbound.FormulationError, match="'norm'"):
+        lipsdp(net, "neuron", "bogus")

@@ -413,11 +413,14 @@ def _groups(layer) -> np.ndarray | None:
     return None
 
 
-def choose_exponents(model: SignalModel, slope_mode: str, slope_exp: list[np.ndarray]) -> tuple:
+def choose_exponents(model: SignalModel, slope_mode: str, slope_exp: list[np.ndarray],
+                     cancellation: bool = True) -> tuple:
     """Scaling exponents ``(e_in, E_1, ..., E_m, e_out)`` for :func:`~lipbound.formulations.lipschitz_problem`,
     from the data (see the module docstring); ``E_k`` is an int (one factor for the block), a list of ints (one
     power of two per neuron) or ``{"exponents": [...], "factors": [...]}`` (real factors, for ``"layer"`` on badly
-    balanced blocks). ``slope_exp``: the slope normalisation (:func:`slope_exponents`).
+    balanced blocks). ``slope_exp``: the slope normalisation (:func:`slope_exponents`). ``cancellation=False``
+    skips the worst-direction search: block levels from norm products only (what :func:`lipbound.certify` retries
+    with when a solve at the searched levels stops short).
 
     Examples
     --------
@@ -430,7 +433,7 @@ def choose_exponents(model: SignalModel, slope_mode: str, slope_exp: list[np.nda
     graph = _Graph(model, slope_exp)
     gains, out_np = graph.norm_product_gains()
     depth, depth_out = graph.depths()
-    worst = graph.worst_direction_gain()
+    worst = graph.worst_direction_gain() if cancellation else None
     cancellation = 0.0 if worst is None else min(worst - out_np, 0.0)
     t_out = out_np + cancellation
     start = [np.full(graph.sizes[k], gains[k] + cancellation * depth[k] / depth_out) for k in range(1, graph.m + 1)]

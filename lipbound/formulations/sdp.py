@@ -168,7 +168,12 @@ def scaled_signal_model(model: SignalModel, slope_mode: str, exponents=None) -> 
     whatever is inexact. ``slope_mode`` is ``"neuron"`` or ``"layer"``.
     """
     slope_exp = [slope_exponents(stage.layer, slope_mode) for stage in model.stages]
-    if exponents is None:
+    if isinstance(exponents, str):
+        if exponents != "norm":
+            raise FormulationError(f"exponents must be a sequence, None (chosen from the data) or 'norm' (block "
+                                   f"levels from norm products only), got {exponents!r}.")
+        exponents = choose_exponents(model, slope_mode, slope_exp, cancellation=False)
+    elif exponents is None:
         exponents = choose_exponents(model, slope_mode, slope_exp)
     e_in, e_blocks, e_out = _expand_exponents(exponents, model)
 
