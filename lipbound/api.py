@@ -251,7 +251,11 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     Returns
     -------
     Certificate
-        ``certified`` is ``True`` only if the rigorous check passed; ``upper_bound`` is then sound.
+        ``certified`` is ``True`` only if the rigorous check passed; ``upper_bound`` is then sound. A solve that
+        stops more than 1e-4 short of optimal is retried once with norm-product scaling levels (the better
+        certificate stands), and a non-optimal SDP bound above the product bound is replaced by the product
+        bound (``options["product_fallback"]``, re-checked by :func:`verify_certificate`); ``notes`` say when
+        either happened.
 
     Raises
     ------
