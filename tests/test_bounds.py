@@ -710,9 +710,24 @@ def test_local_slopes_of_stable_relus():
     assert np.all(local.activations[0].beta < 0.05)
 
 
-def test_local_slopes_rejects_other_stages():
+def test_local_slopes_keep_groupsort_stages_of_a_chain():
+    # A chain with GroupSort stages (max pooling imports as one) was refused; its slope-restricted layers are
+    # narrowed and the GroupSort ones kept (their quadratic constraints hold globally).
     net = _mixed_networks()["groupsort"]
-    with pytest.raises(FormulationError, match=r"all slope-restricted.*'maxmin' \(GroupSortLayer\)"):
-        local_slopes(net, Box(np.zeros(3), np.ones(3)))
+    box = Box(np.zeros(3), np.full(3, 0.1))
+    local = local_slopes(net, box)
+    assert isinstance(local, Network) and isinstance(local.activations[0], GroupSortLayer)
+    assert np.all(local.activations[1].beta <= net.activations[1].beta)
+    assert np.any(local.activations[1].beta < 1.0)
+    cert = lipbound.certify(net, method="lipsdp-nsr", domain=box)
+    assert cert.certified and cert.upper_bound <= lipbound.certify(net, method="lipsdp-nsr").upper_bound
+    assert lipbound.verify_certificate(cert, net).valid
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 0.1, (400, 3))
+    xp = np.clip(x + rng.normal(0, 1e-3, x.shape), 0.0, 0.1)
+    with torch.no_grad():
+        fx, fxp = net(torch.tensor(x)).numpy(), net(torch.tensor(xp)).numpy()
+    quotients = np.linalg.norm(fx - fxp, axis=1) / np.linalg.norm(x - xp, axis=1)
+    assert quotients.max() <= cert.upper_bound
     with pytest.raises(TypeError, match="lipbound.Network"):
         local_slopes(torch.nn.Linear(2, 2), Box(np.zeros(2), np.ones(2)))

@@ -202,9 +202,8 @@ def local_slopes(network: Network | GraphNetwork, domain: Domain, method: str = 
     Parameters
     ----------
     network : Network or GraphNetwork
-        A chain's stages must all be :class:`~lipbound.network.SlopeRestricted`; in a graph, the
-        slope-restricted nodes are narrowed and the other nonlinear nodes (GroupSort, Householder, whose
-        quadratic constraints hold globally) are kept.
+        The slope-restricted layers (nodes) are narrowed; the other nonlinear ones (GroupSort, Householder,
+        whose quadratic constraints hold globally; max pooling) are kept.
     domain : Box or Ball
     method : {"crown", "ibp"}
     device : str or torch.device, optional
@@ -212,13 +211,13 @@ def local_slopes(network: Network | GraphNetwork, domain: Domain, method: str = 
     Returns
     -------
     Network or GraphNetwork
-        Of the same kind as ``network``, with the narrowed layers.
+        Of the same kind as ``network`` (a chain with residual or implicit blocks and GroupSort/Householder stages
+        comes back as its graph), with the narrowed layers.
 
     Raises
     ------
     FormulationError
-        If a chain's stage is not slope-restricted, or a layer's own ``alpha``/``beta`` do not meet the local
-        range.
+        If a layer's own ``alpha``/``beta`` do not meet the local range.
 
     Examples
     --------
@@ -229,11 +228,11 @@ def local_slopes(network: Network | GraphNetwork, domain: Domain, method: str = 
     (array([1., 0.]), array([1., 0.]))
     """
     if isinstance(network, Network):
-        bad = [f"'{s.name}' ({type(s).__name__})" for s in network.activations if not isinstance(s, SlopeRestricted)]
-        if bad:
-            raise FormulationError(f"local_slopes needs a network whose stages are all slope-restricted activations; "
-                                   f"found {', '.join(bad)}. Pass lipbound.GraphNetwork.from_network(network) to "
-                                   "narrow the slope-restricted layers only.")
+        if any(not isinstance(s, SlopeRestricted) for s in network.activations):
+            # GroupSort/Householder stages (max pooling imports as GroupSort) keep their global constraints: narrow
+            # the rest on the graph, and return a chain again where the graph is one.
+            local = local_slopes(GraphNetwork.from_network(network), domain, method, device)
+            return local.to_network() or local
         graph = GraphNetwork.from_network(network)
         results = _analyse(graph, domain, method, device)
         narrowed = [_narrowed(act, lo, hi, f"layer '{act.name}'")
