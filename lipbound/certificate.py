@@ -28,6 +28,7 @@ import scipy.linalg
 
 from lipbound.program import Program
 from lipbound.rigorous import (
+    dense_top_eigenvalue,
     largest_eigenvalue,
     negative_semidefinite_defect,
     round_up,
@@ -159,17 +160,10 @@ def optimal_rho(program: Program, y: np.ndarray, device: str | None = None) -> f
             return None
         v = scipy.linalg.solve_triangular(c, yb, lower=True, check_finite=False)
         s = x + v.T @ v
-    s = (s + s.T) / 2
-    if not np.all(np.isfinite(s)):  # a nearly singular Z (the Schur complement overflowed): no estimate
+    top = dense_top_eigenvalue((s + s.T) / 2)
+    if not math.isfinite(top):  # a nearly singular Z (the Schur complement overflowed): no estimate
         return None
-    try:
-        top = scipy.linalg.eigh(s, eigvals_only=True, subset_by_index=[s.shape[0] - 1, s.shape[0] - 1])[0]
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
-        try:  # LAPACK's dsyevr can fail ("Internal Error") where the full symmetric QR algorithm does not
-            top = np.linalg.eigvalsh(s)[-1]
-        except np.linalg.LinAlgError:
-            return None
-    return max(float(top) / program.rho_weight, 0.0)
+    return max(top / program.rho_weight, 0.0)
 
 
 #: Relative enlargements ``2^-k`` of the re-optimised ``rho`` tried before repairing with ``delta`` (then refined

@@ -322,14 +322,30 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     return False
 
 
+def dense_top_eigenvalue(m: np.ndarray) -> float:
+    """The largest eigenvalue of a dense symmetric matrix in floating point: LAPACK's dsyevr for that one value,
+    the full symmetric QR algorithm where dsyevr fails ("Internal Error" on badly scaled matrices), ``inf`` for a
+    matrix with non-finite entries or when both fail."""
+    n = m.shape[0]
+    if not np.all(np.isfinite(m)):
+        return math.inf
+    try:
+        return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        try:
+            return float(np.linalg.eigvalsh(m)[-1])
+        except np.linalg.LinAlgError:
+            return math.inf
+
+
 def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
     """Floating-point estimate of the largest eigenvalue of a symmetric matrix (not rigorous: it only seeds the
     rigorous search for ``delta`` and is reported as the solver's eigenvalue defect)."""
     n = m.shape[0]
     if device is not None and str(device).startswith("cuda"):
         return float(torch.linalg.eigvalsh(torch.as_tensor(m, dtype=torch.float64, device=device))[-1])
-    if n <= 400:
-        return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
+    if n <= 400 or not np.all(np.isfinite(m)):
+        return dense_top_eigenvalue(m)
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     # Lanczos needs only matrix-vector products; the dense O(n^3) reduction is the fallback.
@@ -342,7 +358,7 @@ def largest_eigenvalue(m: np.ndarray, device: str | None = None) -> float:
         return float(eigsh(m, k=1, which="LA", return_eigenvectors=False, tol=1e-8, maxiter=_LANCZOS_RESTARTS,
                            v0=start)[0])
     except ArpackNoConvergence:
-        return float(scipy.linalg.eigh(m, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
+        return dense_top_eigenvalue(m)
 
 
 def negative_semidefinite_defect(m: np.ndarray, radius: float | EntrywiseBound, estimate: float | None = None,

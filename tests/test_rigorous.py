@@ -1,3 +1,4 @@
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -265,3 +266,11 @@ def test_rump_never_claims_a_nearly_singular_indefinite_matrix(n, seed, digits, 
     a = np.ldexp(a, e[:, None] + e[None, :])
     if rump_positive_definite(a):
         assert exact_is_positive_definite(a)
+
+
+def test_dense_top_eigenvalue_handles_non_finite_matrices():
+    from lipbound.rigorous import dense_top_eigenvalue
+
+    assert dense_top_eigenvalue(np.diag([1.0, 3.0, -2.0])) == pytest.approx(3.0)
+    assert dense_top_eigenvalue(np.array([[1.0, np.inf], [np.inf, 1.0]])) == math.inf
+    assert dense_top_eigenvalue(np.array([[np.nan]])) == math.inf
