@@ -9,7 +9,6 @@ rigorously (outward rounded).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,14 @@ def _polyrelu(x: torch.Tensor, coefficients) -> torch.Tensor:
     return out
 
 
+def _softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """``log(1 + exp(beta x)) / beta`` (any non-zero ``beta``) without overflow: ``x [beta x > 0] +
+    log1p(exp(-|beta x|)) / beta`` (torch's own form overflows to inf for ``beta x > 709``; its ``threshold``
+    switch to the identity is a different function)."""
+    z = beta * x
+    return torch.where(z > 0, x, torch.zeros_like(x)) + torch.log1p(torch.exp(-torch.abs(z))) / beta
+
+
 # name -> (torch forward, default parameters)
 _FORWARD = {
     "relu": (lambda x, p: torch.relu(x), {}),
@@ -36,7 +43,7 @@ _FORWARD = {
     "tanh": (lambda x, p: torch.tanh(x), {}),
     "sigmoid": (lambda x, p: torch.sigmoid(x), {}),
     "elu": (lambda x, p: F.elu(x, p["alpha"]), {"alpha": 1.0}),
-    "softplus": (lambda x, p: F.softplus(x, beta=p["beta"], threshold=math.inf), {"beta": 1.0}),
+    "softplus": (lambda x, p: _softplus(x, p["beta"]), {"beta": 1.0}),
     "gelu": (lambda x, p: F.gelu(x), {}),
     "gelu_tanh": (lambda x, p: F.gelu(x, approximate="tanh"), {}),
     "silu": (lambda x, p: F.silu(x), {}),

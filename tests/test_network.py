@@ -68,3 +68,16 @@ def test_weights_are_immutable_copies():
     assert net.weights[0][0, 0] == 1.0
     with pytest.raises(ValueError):
         net.weights[0][0, 0] = 3.0
+
+
+def test_softplus_forward_does_not_overflow():
+    # log(1 + exp(beta x)) / beta is finite for every finite x; torch's own form gave inf for beta x > 709.
+    net = lipbound.from_weights([np.eye(1) * 1e300, np.eye(1)], "softplus")
+    assert float(net(torch.tensor([[1.0]], dtype=torch.float64))) == 1e300
+    spec = ActivationSpec("softplus", {"beta": 2.0})
+    x = torch.tensor([-1e4, -3.0, 0.0, 3.0, 400.0, 1e4], dtype=torch.float64)
+    expected = torch.tensor([0.0, np.log1p(np.exp(-6.0)) / 2, np.log(2.0) / 2, 3 + np.log1p(np.exp(-6.0)) / 2,
+                             400.0, 1e4], dtype=torch.float64)
+    torch.testing.assert_close(spec.torch(x), expected, rtol=1e-15, atol=0.0)
+    flipped = ActivationSpec("softplus", {"beta": -2.0})  # log(1 + exp(-2x)) / -2 = -softplus_2(-x)
+    torch.testing.assert_close(flipped.torch(x), -spec.torch(-x), rtol=1e-15, atol=0.0)
