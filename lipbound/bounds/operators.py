@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import numpy as np
@@ -150,7 +151,7 @@ def _apply(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mv(m, x)
 
 
-class LinearOperator:
+class LinearOperator(ABC):
     """A linear graph operator ``x -> A x + b`` with ``|A_exact - A| <= E`` and ``|b_exact - b| <= e_b``.
 
     Attributes: ``in_dim``, ``out_dim``, ``fwd_terms`` (most terms of an entry of ``A x``), ``bwd_terms`` (of
@@ -165,33 +166,33 @@ class LinearOperator:
     bias_err: torch.Tensor | None
     inexact: bool
 
+    @abstractmethod
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``fl(A x)`` for a vector ``x``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def abs_matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``fl(|A| x)`` for a vector ``x``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def err_matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``fl(E x)`` for a vector ``x`` (zeros when ``A`` is exact)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sq_row_sums(self) -> torch.Tensor:
         """``fl(sum_j A_ij^2)`` per row."""
-        raise NotImplementedError
 
+    @abstractmethod
     def abs_row_sums(self) -> torch.Tensor:
         """``fl(sum_j |A_ij|)`` per row."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rmatmat(self, lam: torch.Tensor) -> torch.Tensor:
         """``fl(lam A)`` for a dense ``lam`` of shape (k, out_dim)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """The rows ``A[start:stop]`` as a dense tensor, exactly."""
-        raise NotImplementedError
 
 
 class DenseOperator(LinearOperator):

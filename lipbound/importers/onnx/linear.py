@@ -256,13 +256,7 @@ class LinearOps:
     def _op_Add(self, label, args, attrs, node, sign: float = 1.0):
         x, y = args
         if isinstance(x, Expression) or isinstance(y, Expression):
-            both = all(isinstance(v, (NodeValue, Expression)) for v in (x, y))
-            try:  # a finished activation (GELU's erf form) added to another tensor, e.g. a skip connection
-                x, y = (self._materialise(v) if both and isinstance(v, Expression) else v for v in (x, y))
-            except Unrepresentable:
-                x, y = args
-            if isinstance(x, Expression) or isinstance(y, Expression):
-                return self._expr_binary("add", x, y if sign > 0 else self._expr_neg(y), label)
+            return self._expr_binary("add", x, y if sign > 0 else self._expr_neg(y), label)
         if isinstance(x, NodeValue) and isinstance(y, NodeValue):
             x, y = self._pair(x, y, label)
             return self._add(Sum((1.0, sign)), [x, y], label, x.shape)
