@@ -27,24 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: GLipSDP's published times in seconds for 14x14 inputs, 3x3 kernels: (channels, conv layers) -> seconds.
-GLIPSDP_S = {(8, 2): 0.13, (8, 16): 0.89, (32, 2): 24.4, (32, 8): 269.0, (32, 16): 548.0}
-
-
-class GLipCNN(nn.Module):
-    """``d`` 3x3 convolutions of ``c`` channels with ReLU on 14x14 inputs, then a linear layer to 10 outputs."""
-
-    def __init__(self, channels: int, depth: int):
-        super().__init__()
-        convs = [nn.Conv2d(1, channels, 3, padding=1)]
-        convs += [nn.Conv2d(channels, channels, 3, padding=1) for _ in range(depth - 1)]
-        self.convs = nn.ModuleList(convs)
-        self.head = nn.Linear(channels * 14 * 14, 10)
-
-    def forward(self, x):
-        for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.head(torch.flatten(x, 1))
+from lipbound.bench import GLIPSDP_CNN_PUBLISHED as GLIPSDP_S
+from lipbound.bench import glipsdp_cnn
 
 
 def digits_14x14() -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +41,7 @@ def digits_14x14() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_model(channels: int, depth: int, weights: str, seed: int = 0, epochs: int = 5) -> tuple[nn.Module, dict]:
     torch.manual_seed(seed)
-    model = GLipCNN(channels, depth)
+    model = glipsdp_cnn(channels, depth)
     info = {"weights": weights}
     if weights == "digits":
         x, y = digits_14x14()

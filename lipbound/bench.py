@@ -1,7 +1,7 @@
 """Benchmarks: methods and solvers side by side in one run, each in its own process (time limit, peak memory).
 
 ``lipbound bench SUITE`` writes JSON records ``{network, method, solver, norm, upper_bound, solver_bound,
-certified, time_s, peak_rss_mb, status, ...}`` and a plot. Suites are defined in :data:`SUITES`.
+certified, time_s, peak_rss_mb, status, ...}`` and a plot. Suites are listed by :func:`suite`.
 Networks are described by small specs (a file with its layout, or a random net with a seed) so that each
 worker process rebuilds them itself.
 """
@@ -43,6 +43,12 @@ class NetSpec:
 
         if self.kind == "file":
             return lipbound.load(self.path, activation=self.activation, architecture=self.architecture)
+        if self.kind == "cnn":
+            import torch
+
+            torch.manual_seed(self.seed)
+            model = glipsdp_cnn(self.extra["channels"], self.extra["conv_layers"]).eval()
+            return lipbound.from_torch(model, input_shape=(1, 14, 14))
         rng = np.random.default_rng(self.seed)
         weights = []
         for i in range(len(self.dims) - 1):
@@ -50,6 +56,19 @@ class NetSpec:
             w = np.abs(w) if self.nonneg else w
             weights.append(w / np.linalg.norm(w, 2) if self.spectral else w / np.sqrt(self.dims[i]))
         return lipbound.from_weights(weights, self.activation)
+
+
+def glipsdp_cnn(channels: int, conv_layers: int):
+    """The convolutional networks of GLipSDP's scalability study (Pauli, Gramlich, Allgower, arXiv 2405.01125):
+    14x14 single-channel inputs, ``conv_layers`` 3x3 convolutions of ``channels`` channels (stride 1, zero padding
+    1) with ReLU, then a linear layer to 10 outputs; torch's default initialisation (seed it before calling)."""
+    import torch
+    from torch import nn
+
+    layers: list = []
+    for i in range(conv_layers):
+        layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 14 * 14, 10)).to(torch.float32)
 
 
 def _preload(method: str, solver: str) -> None:
@@ -154,6 +173,10 @@ GLIPSDP_PUBLISHED = {
     64: {2: (0.11, 0.39), 4: (0.83, 1.90), 8: (2.85, 5.09), 16: (12.1, 14.1), 32: (96.1, 29.4),
          64: (830.4, 65.9)},
 }
+#: Published GLipSDP times (seconds; MATLAB + MOSEK) for the CNNs of :func:`glipsdp_cnn`, per (channels, conv
+#: layers), from the paper's scalability figure and text. Context, not a side-by-side measurement.
+GLIPSDP_CNN_PUBLISHED = {(8, 2): 0.13, (8, 16): 0.89, (32, 2): 24.4, (32, 8): 269.0, (32, 16): 548.0}
+GLIPSDP_CNN_RUNS = [("mp", "auto", {}), ("lipsdp-channel", "native", {}), ("lipsdp-neuron", "native", {})]
 GLIPSDP_WEIGHTS = ("random signed Gaussian weights, each divided by its spectral norm (seeded); GLipSDP's published "
                    "times are for trained MNIST MLPs, of which only the width x width stack was analysed")
 
@@ -172,6 +195,15 @@ def suite(name: str, sizes: list[int] | None = None, data_dir: str | Path | None
                 out.append(NetSpec(f"glipsdp-{width}x{depth}", "random", dims=(784,) + (width,) * (depth - 1) + (10,),
                                    seed=1000 * width + depth, spectral=True,
                                    extra={"width": width, "matrices": depth}))
+        return out
+    if name == "glipsdp-cnn":
+        out = []
+        for channels in (8, 16, 32):
+            for depth in (2, 4, 8, 16):
+                if sizes and channels not in sizes and depth not in sizes:
+                    continue
+                out.append(NetSpec(f"cnn-c{channels}-d{depth}", "cnn", seed=100 * channels + depth,
+                                   extra={"channels": channels, "conv_layers": depth}))
         return out
     if name == "threads":
         specs = [NetSpec(f"784-{n}-{n}-10", "random", dims=(784, n, n, 10), seed=n) for n in (50, 100, 200, 400, 1000)]
@@ -202,7 +234,7 @@ def suite(name: str, sizes: list[int] | None = None, data_dir: str | Path | None
         if sizes:
             specs = [s for s in specs if any(f"_{n}" in s.label for n in sizes)]
         return specs
-    raise ValueError(f"unknown suite {name!r}; use random, deep, qc, glipsdp-mlp or threads.")
+    raise ValueError(f"unknown suite {name!r}; use random, deep, qc, glipsdp-mlp, glipsdp-cnn or threads.")
 
 
 def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, sizes: list[int] | None = None,
@@ -217,7 +249,8 @@ def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     if name == "threads":
         return measure_threads(out, sizes, timeout, progress=progress, networks=networks)
-    runs = {"qc": QC_RUNS, "deep": DEEP_RUNS, "glipsdp-mlp": GLIPSDP_RUNS}.get(name, LIPSDP_RUNS)
+    runs = {"qc": QC_RUNS, "deep": DEEP_RUNS, "glipsdp-mlp": GLIPSDP_RUNS,
+            "glipsdp-cnn": GLIPSDP_CNN_RUNS}.get(name, LIPSDP_RUNS)
     records = []
     skip_rest: set[tuple] = set()
     specs = suite(name, sizes)
@@ -242,6 +275,13 @@ def run_suite(name: str, out_dir: str | Path, solvers: list[str] | None = None, 
                 options["device"] = device
             rec = run_isolated(spec, method, solver, timeout, **options)
             rec["hidden_neurons"] = int(sum(spec.dims[1:-1])) if spec.dims else None
+            if spec.kind == "cnn":
+                rec["hidden_neurons"] = spec.extra["channels"] * spec.extra["conv_layers"] * 14 * 14
+                rec.update({"channels": spec.extra["channels"], "conv_layers": spec.extra["conv_layers"],
+                            "published_glipsdp_s": GLIPSDP_CNN_PUBLISHED.get(
+                                (spec.extra["channels"], spec.extra["conv_layers"])),
+                            "weights": "torch default initialisation (seeded); GLipSDP's published times are for "
+                                       "trained networks"})
             if exact is not None:
                 rec["exact"] = exact
             if name == "glipsdp-mlp":
@@ -388,8 +428,10 @@ def _line(r: dict) -> str:
     shown = "-" if value is None else f"{value:.7g}"
     flag = "" if r.get("certified", True) else " (uncertified)"
     extra = f" exact {r['exact']:.7g}" if "exact" in r else ""
-    if "published_glipsdp_s" in r:
+    if r.get("published_mosek_lipsdp_s") is not None:
         extra += f" [published: MOSEK {r['published_mosek_lipsdp_s']:g} s, GLipSDP {r['published_glipsdp_s']:g} s]"
+    elif r.get("published_glipsdp_s") is not None:
+        extra += f" [published: GLipSDP {r['published_glipsdp_s']:g} s]"
     solver = r.get("solver", r["solver_requested"]) + (" (unreduced)" if r.get("reduce_input") is False else "")
     return (f"{r['network']:<22}{r['method']:<15}{solver:<13}"
             f"{r.get('norm', 'l2'):<5}{shown:>14}{flag}{extra}  {r['time_s']:.2f} s  "

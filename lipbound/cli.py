@@ -454,15 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[verbose],
                        help="run methods/solvers side by side on a suite; writes JSON and a plot")
-    b.add_argument("suite", choices=["random", "deep", "qc", "glipsdp-mlp", "threads", "soundness"],
+    b.add_argument("suite", choices=["random", "deep", "qc", "glipsdp-mlp", "glipsdp-cnn", "threads", "soundness"],
                    help="glipsdp-mlp: GLipSDP's MLP table shapes (published MOSEK/GLipSDP times in the JSON); "
+                        "glipsdp-cnn: its 14x14 CNNs, 8/16/32 channels x 2-16 conv layers (published GLipSDP times); "
                         "threads: the data for the native solver's thread policy (threads.json); soundness: random "
                         "networks of every family, certified bounds against lower bounds (exit 3 on a violation or "
                         "crash)")
     b.add_argument("--out", default="bench_out")
     b.add_argument("--sizes", type=_positive_ints, default=None,
                    help="comma-separated widths (random: n of 784-n-n-10; glipsdp-mlp: widths or numbers of "
-                   "weight matrices)")
+                   "weight matrices; glipsdp-cnn: channels or conv layers)")
     b.add_argument("--solvers", type=_names, default=None,
                    help="comma-separated solvers/methods to run (default: all)")
     b.add_argument("--networks", type=_names, default=None, help="comma-separated network labels of the suite to "

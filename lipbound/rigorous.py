@@ -311,7 +311,11 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
             return factor_with_shift(prior) is not None  # the a priori constant: success alone proves
         weight = factor_with_shift(trial)
         if weight is None:
-            continue
+            # The factorisation broke down with the smaller shift: the larger one (a matrix further from positive
+            # definite) is not tried. This only saves work (the enlarged-rho search of a certificate tries several
+            # matrices that are not positive definite, each costing two factorisations before); "not proved" is
+            # always a sound answer.
+            return False
         needed = round_up(_rump_constant(sdiag, pattern, weight))
         if needed <= trial:
             return True

@@ -381,6 +381,23 @@ def test_tampered_certificates_never_raise_and_never_validate_a_false_bound(case
     assert claimed >= lower * (1 - 1e-9), (claimed, lower, json.dumps(cert)[:300])
 
 
+def test_stopped_solve_is_retried_in_the_other_native_layout(caplog):
+    # A deep chain gets the chordal layout on CPU; a run stopped by max_iter is retried in the dense layout at the
+    # same scaling, then with norm-product levels; a forced layout (native-chordal) is never switched.
+    net = lipbound.from_weights([np.full((20, 4), 0.3)] + [np.full((20, 20), 0.06)] * 29 + [np.full((1, 20), 0.2)],
+                                "relu")
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
+    assert "retrying with the native solver's dense layout" in caplog.text
+    assert "retrying with norm-product scaling" in caplog.text
+    assert caplog.text.index("dense layout") < caplog.text.index("norm-product scaling")
+    assert cert.certified and lipbound.verify_certificate(cert.to_json(), net).valid
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        lipbound.certify(net, method="lipsdp-neuron", solver="native-chordal", max_iter=2)
+    assert "retrying with the native solver's" not in caplog.text
+
+
 def test_stopped_solve_never_certifies_above_the_product_bound(caplog):
     # Two interior-point iterations leave the multipliers far from the optimum: certify retries once with
     # norm-product scaling levels, the repaired SDP bounds are above the product bound, which is then the

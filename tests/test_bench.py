@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lipbound import bench
 from lipbound.bench import NetSpec, run_isolated, run_suite, suite
@@ -67,6 +68,26 @@ def test_glipsdp_records_carry_the_published_times(tmp_path, monkeypatch):
         assert r["certified"] and r["published_glipsdp_s"] == 0.008 and r["published_mosek_lipsdp_s"] == 0.005
         assert "spectral norm" in r["weights"] and "published" in bench._line(r)
     assert abs(records[0]["upper_bound"] - records[1]["upper_bound"]) <= 1e-6 * records[0]["upper_bound"]
+
+
+def test_glipsdp_cnn_suite_shapes_and_records(tmp_path, monkeypatch):
+    specs = suite("glipsdp-cnn")
+    assert len(specs) == 12 and {(s.extra["channels"], s.extra["conv_layers"]) for s in specs} >= {(32, 16), (8, 2)}
+    assert [s.label for s in suite("glipsdp-cnn", [32])][-1] == "cnn-c32-d16"
+    assert bench.GLIPSDP_CNN_PUBLISHED[(32, 16)] == 548.0
+    # The networks are the study's shapes: 14x14 inputs, 3x3 convolutions with zero padding, a linear head.
+    model = bench.glipsdp_cnn(8, 2)
+    assert model(torch.zeros(1, 1, 14, 14)).shape == (1, 10)
+    spec = NetSpec("cnn-c2-d1", "cnn", seed=3, extra={"channels": 2, "conv_layers": 1})
+    monkeypatch.setattr(bench, "suite", lambda name, sizes=None: [spec])
+    monkeypatch.setitem(bench.GLIPSDP_CNN_PUBLISHED, (2, 1), 0.5)
+    records = run_suite("glipsdp-cnn", tmp_path, progress=lambda line: None)
+    assert [r["method"] for r in records] == ["mp", "lipsdp-channel", "lipsdp-neuron"]
+    for r in records:
+        assert r["certified"] and r["published_glipsdp_s"] == 0.5 and r["channels"] == 2
+        assert r["hidden_neurons"] == 2 * 14 * 14 and "GLipSDP 0.5 s" in bench._line(r)
+    mp_bound, channel, neuron = (r["upper_bound"] for r in records)
+    assert neuron <= channel * (1 + 1e-9) and channel <= mp_bound * (1 + 1e-9)
 
 
 def test_fit_crossover():

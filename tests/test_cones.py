@@ -118,7 +118,7 @@ def test_step_lengths_match_eigenvalues(cone):
     assert cone.factor_primal(x + 1.001 * step * d) is None
 
 
-def test_lanczos_step_is_on_the_safe_side_for_large_cones():
+def test_dual_step_of_large_cones_is_on_the_safe_side():
     lmi = banded_lmi([60] * 6, 1, seed=6)
     layout = chordal_layout(lmi)
     cone = SemidefiniteCone(LowRankLMI(lmi, 3, torch.device("cpu"), layout), 30, np.random.default_rng(0))
@@ -132,6 +132,24 @@ def test_lanczos_step_is_on_the_safe_side_for_large_cones():
     exact = -1.0 / float(torch.linalg.eigvalsh((t + t.T) / 2)[0])
     step = cone.max_step_dual(z, cone.factor_dual(z), d)
     assert 0.5 * exact <= step <= exact * (1 + 1e-9)
+
+
+def test_primal_step_of_large_cliques_is_on_the_safe_side():
+    """Cliques above 256 rows get a batched block Krylov estimate: never beyond the exact step, and close to it."""
+    lmi = banded_lmi([150] * 4, 1, seed=8)
+    layout = chordal_layout(lmi)
+    cone = SemidefiniteCone(LowRankLMI(lmi, 3, torch.device("cpu"), layout), 72, np.random.default_rng(0))
+    assert cone.nb > 2 and 2 * cone.b > 256
+    rng = np.random.default_rng(9)
+    x, d = _random_band(cone, rng), _random_band(cone, rng, pd=False)
+    chol = cone.factor_primal(x).cliques
+    dk = cone._cliques(d)
+    t = torch.linalg.solve_triangular(chol, dk, upper=False)
+    t = torch.linalg.solve_triangular(chol, t.transpose(1, 2), upper=False)
+    exact = -1.0 / float(torch.linalg.eigvalsh((t + t.transpose(1, 2)) / 2).min())
+    step = cone.max_step_primal(cone.factor_primal(x), d)
+    assert 0.5 * exact <= step <= exact * (1 + 1e-9)
+    assert cone.factor_primal(x + 0.999 * step * d) is not None
 
 
 @pytest.mark.parametrize("case", ["neuron", "layer", "neuron-linf", "nsr-coupled", "rr", "implicit"])

@@ -344,18 +344,11 @@ class SemidefiniteCone:
             t = torch.linalg.solve_triangular(chol, t.transpose(1, 2), upper=False)
             lam = float(torch.linalg.eigvalsh((t + t.transpose(1, 2)) * 0.5).min())
         else:
-            lam = math.inf
-            for c in range(chol.shape[0]):
-                lc, dc = chol[c], dk[c]
-
-                def op(v, lc=lc, dc=dc):
-                    w = dc @ torch.linalg.solve_triangular(lc.T, v.reshape(-1, 1), upper=True)
-                    return torch.linalg.solve_triangular(lc, w, upper=False).reshape(-1)
-                lam = min(lam, self._lanczos_min(op, None, lc.shape[0]))
+            lam = self._clique_krylov_min(chol, dk)
         return math.inf if lam >= 0 else -1.0 / lam
 
     def max_step_dual(self, z: torch.Tensor, f: DualFactor, dz: torch.Tensor) -> float:
-        """Largest ``alpha`` with ``Z + alpha dZ >= 0``: exact for small cones, else Lanczos on the pencil
+        """Largest ``alpha`` with ``Z + alpha dZ >= 0``: exact for small cones, else block Krylov on the pencil
         ``(dZ, Z)`` with ``Z^-1`` (the caller verifies by factorising)."""
         if self.n_pad <= _EXACT_STEP_SIZE:
             chol = self._dense_factor(f)
@@ -405,42 +398,42 @@ class SemidefiniteCone:
         res = self.matvec(dz, u) - float(vals[0]) * self.matvec(z, u)
         return float(vals[0]) - math.sqrt(max(float(res @ (zinv @ res)), 0.0))
 
-    def _lanczos_min(self, apply_t, apply_b, n: int) -> float:
-        """Safeguarded estimate of the smallest eigenvalue of ``T`` (self-adjoint in the ``B`` inner product; ``B =
-        I`` when ``apply_b`` is None) by Lanczos with full reorthogonalisation.
+    def _clique_krylov_min(self, chol: torch.Tensor, dk: torch.Tensor, width: int = 8) -> float:
+        """Safeguarded estimate of the smallest eigenvalue over cliques ``c`` of ``T_c = L_c^-1 dX_c L_c^-T``
+        (``X_c = L_c L_c^T``), from block Krylov spaces of all cliques at once (batched triangular solves and
+        products, ``lanczos_steps`` vectors per clique in blocks of ``width``).
 
-        Ritz values approach the extreme eigenvalues from inside; subtracting the residual norm of the extreme Ritz
-        pair moves the estimate to the safe side for the eigenvalue it approximates.
+        Replaces single-vector Lanczos one clique at a time (868 small calls on 784-2048x4-10); measured: the same
+        iteration counts and times on 2 CPU cores and on an H200 (where the GPU work of the direction dominates); the
+        exact steps from dense eigenvalues are no longer on that net (its stall is not the estimate's doing). One
+        batched call per block step instead. Rayleigh-Ritz gives Ritz values ``theta >= lambda_min``; subtracting
+        the residual norm of the extreme Ritz pair moves the estimate to the safe side for the eigenvalue it
+        approximates (the caller verifies the step by factorising).
         """
-        k = min(self.lanczos_steps, n)
-        q = torch.tensor(self.rng.standard_normal(n), dtype=torch.float64, device=self.dev)
-        if n == self.n_pad:
-            q = q * self.real
-        basis = torch.zeros(k, n, dtype=torch.float64, device=self.dev)
-        bbasis = torch.zeros(k, n, dtype=torch.float64, device=self.dev)
-        bq = q if apply_b is None else apply_b(q)
-        scale = math.sqrt(float(q @ bq))
-        q, bq = q / scale, bq / scale
-        alphas, betas = [], []
-        beta = 0.0
-        top = 0.0
-        for j in range(k):
-            basis[j], bbasis[j] = q, bq
-            w = apply_t(q)
-            alpha = float(w @ bq)
+        c, n, _ = chol.shape
+        blocks = max(1, -(-min(self.lanczos_steps, n) // width))
+        gen = torch.Generator(device="cpu").manual_seed(int(self.rng.integers(2**31)))
+        v = torch.randn(c, n, width, generator=gen, dtype=torch.float64).to(self.dev)
+        lt = chol.transpose(1, 2)
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            w = torch.bmm(dk, torch.linalg.solve_triangular(lt, x, upper=True))
+            return torch.linalg.solve_triangular(chol, w, upper=False)
+
+        basis, _ = torch.linalg.qr(v)
+        block = basis
+        for _ in range(blocks - 1):
+            w = apply(block)
+            # Full reorthogonalisation (twice), and once more after the QR: a block that has (nearly) converged to
+            # an invariant subspace leaves rounding noise whose QR directions need not be orthogonal to the basis.
             for _ in range(2):
-                w = w - basis[:j + 1].T @ (bbasis[:j + 1] @ w)
-            bw = w if apply_b is None else apply_b(w)
-            alphas.append(alpha)
-            beta = math.sqrt(max(float(w @ bw), 0.0))
-            top = max(top, abs(alpha), beta)
-            if j == k - 1 or beta <= 1e-12 * top:
-                break
-            betas.append(beta)
-            q, bq = w / beta, bw / beta
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            tri += torch.diag(off, 1) + torch.diag(off, -1)
-        vals, vecs = torch.linalg.eigh(tri)
-        return float(vals[0]) - abs(beta * float(vecs[-1, 0]))
+                w = w - torch.bmm(basis, torch.bmm(basis.transpose(1, 2), w))
+            block, _ = torch.linalg.qr(w)
+            block = block - torch.bmm(basis, torch.bmm(basis.transpose(1, 2), block))
+            block, _ = torch.linalg.qr(block)
+            basis = torch.cat([basis, block], dim=2)
+        t = torch.bmm(basis.transpose(1, 2), apply(basis))
+        vals, vecs = torch.linalg.eigh((t + t.transpose(1, 2)) * 0.5)
+        u = torch.bmm(basis, vecs[:, :, :1])
+        res = apply(u) - vals[:, :1, None] * u
+        return float((vals[:, 0] - torch.linalg.vector_norm(res, dim=(1, 2))).min())
