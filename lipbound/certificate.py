@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse as sp
 
-from lipbound.program import Program
+from lipbound.program import Program, known_weights
 from lipbound.rigorous import (
     dense_top_eigenvalue,
     largest_eigenvalue,
@@ -42,6 +44,8 @@ class CheckReport:
 
     ``eigen_defects`` (floating-point estimates of each LMI's largest eigenvalue at the solver's point) are filled
     in by :func:`certify_multipliers`; the rigorous check itself does not need them and leaves them empty.
+    ``repair_weights`` are the program's norm bounds ``B_t`` when known: deferred ones are computed only when some
+    LMI needs a repair (``delta > 0``), so the tuple is empty for a check proved with ``delta = 0`` everywhere.
     """
 
     certified: bool
@@ -55,7 +59,8 @@ class CheckReport:
 
 def check_program(program: Program, y: np.ndarray, device: str | None = None,
                   delta_hints: tuple[float, ...] | None = None, rho_on_boundary: bool = False,
-                  strict_rho: bool = False) -> CheckReport:
+                  strict_rho: bool = False, assemble: Callable[[int, np.ndarray], np.ndarray] | None = None
+                  ) -> CheckReport:
     """Rigorously bound the program's output from multipliers ``y`` (any source, any accuracy).
 
     Negative values of sign-constrained multipliers make the certificate invalid (callers clip
@@ -64,14 +69,16 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
     certificate) are tried first and proved again. ``rho_on_boundary``: ``rho`` was re-optimised to make its LMI
     singular, so ``delta = 0`` is not attempted there (it cannot be proved; the attempt costs a factorisation).
     ``strict_rho``: the LMI holding ``rho`` must be proved with ``delta = 0`` (no repair), else the check fails
-    at once (used to try slightly enlarged ``rho``).
+    at once (used to try slightly enlarged ``rho``). ``assemble(t, y)``, when given, returns ``M_t(y)`` as
+    :meth:`~lipbound.program.LMI.assemble` does (the enlarged-rho search passes one that re-uses the sum of the terms
+    without ``rho``); the rounding bound is always that of the whole LMI at ``y``.
 
     The reported bound is ``2^scale_exponent * g(objective @ y + sum_t delta_t B_t)``, evaluated exactly in
     rationals and rounded up once, at every magnitude: it is ``+inf`` (and not certified) when it overflows, and
     never rounds to 0 unless it is exactly 0.
     """
     y = np.asarray(y, dtype=np.float64).reshape(-1)
-    empty = CheckReport(False, None, math.nan, (), (), tuple(program.repair_weights))
+    empty = CheckReport(False, None, math.nan, (), (), known_weights(program.repair_weights))
     if y.shape != (program.n_vars,):
         return _replace(empty, reason=f"expected {program.n_vars} multipliers, got {y.size}")
     if not np.all(np.isfinite(y)):
@@ -84,12 +91,12 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
     total = objective
 
     def failed(reason: str, deltas) -> CheckReport:
-        return CheckReport(False, None, float(objective), tuple(deltas), (), tuple(program.repair_weights),
+        return CheckReport(False, None, float(objective), tuple(deltas), (), known_weights(program.repair_weights),
                            reason=reason)
 
     deltas: list[float] = []
-    for t, (lmi, weight) in enumerate(zip(program.lmis, program.repair_weights, strict=True)):
-        m = lmi.assemble(y)
+    for t, lmi in enumerate(program.lmis):
+        m = lmi.assemble(y) if assemble is None else assemble(t, y)
         bound = lmi.rounding_bound(y)
         hint = None if not delta_hints or t >= len(delta_hints) else float(delta_hints[t])
         strict = strict_rho and t == program.rho_lmi
@@ -102,6 +109,10 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
         deltas.append(delta)
         if delta == 0:
             continue
+        try:
+            weight = program.repair_weights[t]
+        except ArithmeticError as exc:
+            return failed(f"no norm bound B for the repair of LMI {t}: {exc}", deltas)
         if not math.isfinite(weight):
             return failed("the LMI is not strictly feasible and no finite norm bound B exists for its signals "
                           "(a non-contractive implicit layer, or a norm bound beyond the float range)", deltas)
@@ -111,7 +122,7 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
     bound = sqrt_up(total * scale * scale) if program.output_map == "sqrt" else round_up(total * scale)
     if not math.isfinite(bound):
         return failed("the certified bound overflows the float64 range (it is larger than 1.8e308)", deltas)
-    return CheckReport(True, bound, float(objective), tuple(deltas), (), tuple(program.repair_weights))
+    return CheckReport(True, bound, float(objective), tuple(deltas), (), known_weights(program.repair_weights))
 
 
 def _replace(report: CheckReport, **changes) -> CheckReport:
@@ -120,38 +131,45 @@ def _replace(report: CheckReport, **changes) -> CheckReport:
     return CheckReport(**data)
 
 
-def optimal_rho(program: Program, y: np.ndarray, device: str | None = None) -> float | None:
+def optimal_rho(program: Program, y: np.ndarray, device: str | None = None,
+                assemble: Callable[[int, np.ndarray], object] | None = None) -> float | None:
     """Smallest ``rho >= 0`` making its LMI feasible for the other multipliers of ``y`` (floating point).
 
     ``rho`` enters only as ``-w rho I`` on block ``rho_block`` of LMI ``rho_lmi``, so with
     ``M(0, lambda) = [[X, Y^T], [Y, Z]]`` (``X`` that block) the LMI holds iff ``Z < 0`` and
     ``w rho >= lambda_max(X - Y^T Z^{-1} Y)``. Returns ``None`` when ``Z`` is not negative definite.
-    ``device="cuda"`` runs the factorisation on the GPU (it is the costly step for large LMIs).
+    ``device="cuda"`` runs the factorisation on the GPU (it is the costly step for large LMIs). ``assemble(t, y)``
+    as in :func:`check_program` (it may return a torch tensor, already on the device).
     """
     if program.rho_index is None:
         return None
     lmi = program.lmis[program.rho_lmi]
     y0 = np.array(y, dtype=np.float64, copy=True)
     y0[program.rho_index] = 0.0
-    m = lmi.assemble(y0)
+    m = lmi.assemble(y0) if assemble is None else assemble(program.rho_lmi, y0)
     off = lmi.offsets
     b = program.rho_block
     inside = np.zeros(lmi.size, dtype=bool)
     inside[off[b]:off[b + 1]] = True
-    x = m[np.ix_(inside, inside)]
-    if inside.all():
-        s = x
-    elif device is not None and str(device).startswith("cuda"):
+    on_gpu = device is not None and str(device).startswith("cuda")
+    if on_gpu or not isinstance(m, np.ndarray):
         import torch
 
-        z = torch.as_tensor(m[np.ix_(~inside, ~inside)], device=device)
-        c, info = torch.linalg.cholesky_ex(-z)
-        if int(info) != 0:
-            return None
-        v = torch.linalg.solve_triangular(c, torch.as_tensor(m[np.ix_(~inside, inside)], device=device),
-                                          upper=False)
-        s = x + (v.T @ v).cpu().numpy()
+        mt = torch.as_tensor(m, device=device if on_gpu else m.device)
+        ins = torch.as_tensor(inside, device=mt.device)
+        x = mt[ins][:, ins].cpu().numpy()
+        if inside.all():
+            s = x
+        else:
+            c, info = torch.linalg.cholesky_ex(-mt[~ins][:, ~ins])
+            if int(info) != 0:
+                return None
+            v = torch.linalg.solve_triangular(c, mt[~ins][:, ins], upper=False)
+            s = x + (v.T @ v).cpu().numpy()
+    elif inside.all():
+        s = m[np.ix_(inside, inside)]
     else:
+        x = m[np.ix_(inside, inside)]
         yb = m[np.ix_(~inside, inside)]
         z = m[np.ix_(~inside, ~inside)]
         try:
@@ -175,17 +193,52 @@ _RHO_BUMP_EXPONENTS = (40, 34, 28, 22, 16, 10, 5)
 _RHO_BUMP_FINE = 26
 
 
-def _enlarged_rho(program: Program, y: np.ndarray, rho: float, device: str | None):
+class _RhoAssembly:
+    """``assemble(t, y2)`` for multipliers ``y2`` that differ from ``y`` in ``rho`` only (the certificate's tries).
+
+    The sum of the rho LMI's terms without ``rho`` is assembled once (0.35 s per assembly of an 8976-row LMI, and a
+    check makes up to a dozen); on CUDA it stays on the GPU that runs Rump's test and each call adds the rho terms
+    there (no numpy copy of the whole matrix, no transfer). Only the summation order of each entry changes, which
+    the rounding bound covers (:meth:`~lipbound.program.LMI.assemble`).
+    """
+
+    def __init__(self, program: Program, y: np.ndarray, device: str | None):
+        self.program, self.y = program, y
+        lmi = program.lmis[program.rho_lmi]
+        uses_rho = [sp.csc_matrix(t.coef)[:, [program.rho_index]].count_nonzero() > 0 for t in lmi.terms]
+        self.with_rho = tuple(t for t, u in zip(lmi.terms, uses_rho, strict=True) if u)
+        others = tuple(t for t, u in zip(lmi.terms, uses_rho, strict=True) if not u)
+        self.partial = lmi.assemble(y, terms=others)
+        if device is not None and str(device).startswith("cuda"):
+            import torch
+
+            self.partial = torch.as_tensor(self.partial, device=device)
+
+    def __call__(self, t: int, y2: np.ndarray):
+        program = self.program
+        if t != program.rho_lmi:
+            return program.lmis[t].assemble(y2)
+        rest = np.delete(np.arange(program.n_vars), program.rho_index)
+        if not np.array_equal(y2[rest], self.y[rest]):
+            raise ValueError("_RhoAssembly: the multipliers differ from the cached ones in more than rho.")
+        into = self.partial.clone() if hasattr(self.partial, "clone") else self.partial.copy()
+        return program.lmis[t].assemble(y2, terms=self.with_rho, into=into)
+
+
+def _enlarged_rho(program: Program, y: np.ndarray, rho: float, device: str | None,
+                  assemble: _RhoAssembly | None = None):
     """The smallest tried ``rho (1 + 2^-k)`` for which the LMI is proved strictly feasible, with its report.
 
     ``rho`` on the boundary makes the LMI singular; slightly above it, the LMI is strictly feasible when the other
     multipliers are (an interior-point answer), and the bound needs no repair at all. How far above depends on how
     well the solver's point is centred: coarse steps first, then bisection of ``k``.
     """
+    assemble = assemble or _RhoAssembly(program, y, device)
+
     def attempt(k: int):
         y2 = y.copy()
         y2[program.rho_index] = round_up(Fraction(rho) * (1 + Fraction(1, 2**k)))
-        report = check_program(program, y2, device, strict_rho=True)
+        report = check_program(program, y2, device, strict_rho=True, assemble=assemble)
         return (report, y2) if report.certified else None
 
     failed = None
@@ -221,14 +274,18 @@ def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, de
     defects are those of ``solve_program`` (the program the solver saw) when given.
     """
     y = program.clip(y)
-    defects = tuple(largest_eigenvalue(lmi.assemble(y), device) for lmi in (solve_program or program).lmis)
-    raw = CheckReport(False, None, float(program.objective @ y), (), defects, tuple(program.repair_weights),
+    target = solve_program or program
+    split = _RhoAssembly(program, y, device) if polish and program.rho_index is not None else None
+    shared = split if target is program else None  # no reduced program: its matrices are the checked ones
+    defects = tuple(largest_eigenvalue(lmi.assemble(y) if shared is None or t != program.rho_lmi else shared(t, y),
+                                       device) for t, lmi in enumerate(target.lmis))
+    raw = CheckReport(False, None, float(program.objective @ y), (), defects, known_weights(program.repair_weights),
                       reason="not checked")
-    if polish and program.rho_index is not None:
+    if split is not None:
         # The reduced program has the same optimal rho for given multipliers and a much smaller rho block.
-        rho = optimal_rho(solve_program or program, y, device)
+        rho = optimal_rho(target, y, device, assemble=shared)
         if rho is not None:
-            found = _enlarged_rho(program, y, rho, device) if rho > 0 else None
+            found = _enlarged_rho(program, y, rho, device, split) if rho > 0 else None
             if found is not None and found[1][program.rho_index] <= rho * (1 + 2.0**-20):
                 return found[0], found[1], raw
             # A large enlargement (a poorly centred point): the repair may do better, keep the smaller bound.
@@ -267,7 +324,8 @@ class Certificate:
     eigen_defect : float or None
         Floating-point ``lambda_max`` of the LMI at the solver's raw answer (> 0 means infeasible).
     delta, repair_weight : float or None
-        The proved ``M <= delta I`` and the norm bound ``B`` used in the repair (largest over the LMIs).
+        The proved ``M <= delta I`` and the norm bound ``B`` used in the repair (largest over the LMIs; ``None``
+        when every LMI was proved with ``delta = 0`` and ``B`` was never computed).
     deltas : list of float
         ``delta`` per LMI (a re-check tries them first and proves them again).
     multipliers : list of float

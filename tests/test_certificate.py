@@ -153,3 +153,58 @@ def test_rho_is_enlarged_rather_than_repaired():
     cert = lipbound.certify(net, method="lipsdp-neuron", solver="clarabel")
     assert cert.certified and all(d == 0.0 for d in cert.deltas)
     assert cert.upper_bound <= cert.solver_bound * (1 + 1e-7)
+
+
+def test_check_program_on_torch_matrices_matches_numpy():
+    """The enlarged-rho search hands the check torch tensors on CUDA (the rho-free sum assembled once, each try adding
+    the rho terms there); on the CPU the same code path certifies the same bound."""
+    import torch
+
+    net = random_net([5, 8, 8, 3], seed=4)
+    prob = lipsdp(net, "neuron")
+    cert = lipbound.certify(net, method="lipsdp-neuron", solver="clarabel")
+    program = prob.program
+    y = np.asarray(cert.multipliers, dtype=float)
+    lmi = program.lmis[program.rho_lmi]
+    rho_terms = tuple(t for t in lmi.terms if t.coef.tocsc()[:, [program.rho_index]].count_nonzero())
+    others = tuple(t for t in lmi.terms if t not in rho_terms)
+    partial = torch.as_tensor(lmi.assemble(y, terms=others))
+
+    def on_torch(t, y2):
+        if t != program.rho_lmi:
+            return torch.as_tensor(program.lmis[t].assemble(y2))
+        return lmi.assemble(y2, terms=rho_terms, into=partial.clone())
+
+    plain = check_program(program, y)
+    torch_report = check_program(program, y, assemble=on_torch)
+    assert plain.certified and torch_report.certified
+    assert torch_report.bound == pytest.approx(plain.bound, rel=1e-12)
+    assert torch_report.bound == pytest.approx(cert.upper_bound, rel=1e-12)
+
+
+def test_optimal_rho_and_the_rho_assembly_on_torch_matrices():
+    import torch
+
+    from lipbound.certificate import _RhoAssembly, optimal_rho
+
+    net = random_net([5, 8, 8, 3], seed=4)
+    program = lipsdp(net, "neuron").program
+    cert = lipbound.certify(net, method="lipsdp-neuron", solver="clarabel")
+    y = np.asarray(cert.multipliers, dtype=float)
+    split = _RhoAssembly(program, y, None)
+    y2 = y.copy()
+    y2[program.rho_index] *= 1.5
+    lmi = program.lmis[program.rho_lmi]
+    assert np.array_equal(split(program.rho_lmi, y2), lmi.assemble(y2, terms=split.with_rho,
+                                                                   into=lmi.assemble(y2, terms=tuple(
+                                                                       t for t in lmi.terms
+                                                                       if t not in split.with_rho))))
+    y3 = y.copy()
+    y3[program.rho_index + 1] += 1.0
+    with pytest.raises(ValueError, match="more than rho"):
+        split(program.rho_lmi, y3)
+
+    def on_torch(t, yy):
+        return torch.as_tensor(split(t, yy))
+
+    assert optimal_rho(program, y, assemble=on_torch) == pytest.approx(optimal_rho(program, y), rel=1e-12)

@@ -150,6 +150,15 @@ def test_primal_step_of_large_cliques_is_on_the_safe_side():
     step = cone.max_step_primal(cone.factor_primal(x), d)
     assert 0.5 * exact <= step <= exact * (1 + 1e-9)
     assert cone.factor_primal(x + 0.999 * step * d) is not None
+    # On CUDA the Krylov products use the inverse clique factors instead of triangular solves: the same estimate.
+    inverse = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[-1], dtype=chol.dtype).expand_as(chol),
+                                            upper=False)
+    state = cone.rng.bit_generator.state
+    lam_solve = cone._clique_krylov_min(chol, dk)
+    cone.rng.bit_generator.state = state
+    lam_products = cone._clique_krylov_min(chol, dk, inverse=inverse)
+    assert lam_products == pytest.approx(lam_solve, rel=1e-8)
+    assert -1.0 / lam_products <= exact * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("case", ["neuron", "layer", "neuron-linf", "nsr-coupled", "rr", "implicit"])

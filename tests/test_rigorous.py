@@ -274,3 +274,88 @@ def test_dense_top_eigenvalue_handles_non_finite_matrices():
     assert dense_top_eigenvalue(np.diag([1.0, 3.0, -2.0])) == pytest.approx(3.0)
     assert dense_top_eigenvalue(np.array([[1.0, np.inf], [np.inf, 1.0]])) == math.inf
     assert dense_top_eigenvalue(np.array([[np.nan]])) == math.inf
+
+
+# The device path of Rump's test (used on CUDA: the matrix crosses once, the passes and factorisations run there) is
+# the same torch code on any device; here it runs on the CPU against the exact oracle and the numpy path.
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=6), st.integers(0, 10_000), st.floats(8.0, 17.0),
+       st.booleans(), st.integers(0, 600), st.sampled_from([0.0, 1e-14, 1e-9]))
+def test_rump_on_a_torch_device_never_claims_an_indefinite_matrix(sizes, seed, digits, below, spread, radius):
+    from lipbound.rigorous import _rump_test
+
+    rng = np.random.default_rng(seed)
+    a, pattern = block_tridiagonal(rng, sizes)
+    n = a.shape[0]
+    a[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] + (1 if below else -1) * 10.0**-digits
+    e = rng.integers(-spread, spread + 1, n)
+    scaled = np.ldexp(a, e[:, None] + e[None, :])
+    scaled = np.tril(scaled) + np.tril(scaled, -1).T
+    if _rump_test(scaled, radius, "cpu", pattern, None):
+        assert exact_is_positive_definite(scaled)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rump_on_a_torch_device_proves_what_the_numpy_path_proves(seed):
+    rng = np.random.default_rng(seed)
+    a, pattern = block_tridiagonal(rng, [3, 5, 2, 4, 4])
+    n = a.shape[0]
+    a[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] - 1e-6 * np.abs(a).max()  # positive definite, by a margin
+    e = rng.integers(-300, 301, n)
+    scaled = np.ldexp(a, e[:, None] + e[None, :])
+    scaled = np.tril(scaled) + np.tril(scaled, -1).T
+    from lipbound.rigorous import _rump_test
+
+    for pat in (None, pattern):
+        assert _rump_test(scaled, 0.0, None, pat, None)
+        assert _rump_test(scaled, 0.0, "cpu", pat, None)
+    flipped = scaled.copy()
+    flipped[np.diag_indices(n)] *= -1.0
+    assert not _rump_test(flipped, 0.0, "cpu", pattern, None)
+
+
+def test_rump_on_a_torch_device_handles_subnormal_scaling_and_bad_input():
+    from lipbound.rigorous import _rump_test
+
+    rng = np.random.default_rng(5)
+    b = rng.standard_normal((6, 6))
+    a = b @ b.T + 0.1 * np.eye(6)
+    d = np.ldexp(1.0, np.array([0, -300, 200, -40, 400, -400]))
+    scaled = (a * d[:, None]) * d[None, :]
+    scaled = np.tril(scaled) + np.tril(scaled, -1).T
+    assert _rump_test(scaled, 0.0, "cpu", None, None)  # exponents beyond the normal range: the numpy path
+    perturbed = scaled.copy()
+    perturbed[1, 1] -= 2 * perturbed[1, 1]
+    assert not _rump_test(perturbed, 0.0, "cpu", None, None)
+    assert not _rump_test(np.array([[1.0, 2.0], [0.0, 1.0]]), 0.0, "cpu", None, None)  # not symmetric
+    assert not _rump_test(np.array([[1.0, np.nan], [np.nan, 1.0]]), 0.0, "cpu", None, None)
+    assert not _rump_test(np.diag([1.0, 1e-12]), 1e-9, "cpu", None, None)
+    # Entries that the scaling pushes into the subnormal range are counted (and the matrix is still proved).
+    tiny = np.diag([1.0, 1.0, 1.0])
+    tiny[0, 2] = tiny[2, 0] = 2.0**-1060
+    tiny[1, 1] = 2.0**-500
+    assert _rump_test(tiny, 0.0, "cpu", None, None) and _rump_test(tiny, 0.0, None, None, None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_negative_semidefinite_defect_on_a_torch_tensor_matches_numpy(seed):
+    # The certificate's GPU path hands Rump's test torch tensors; on the CPU the same code must prove the same delta.
+    import torch
+
+    rng = np.random.default_rng(seed)
+    a, pattern = block_tridiagonal(rng, [3, 4, 2, 5])
+    m = -a
+    m[np.diag_indices(m.shape[0])] += np.linalg.eigvalsh(a)[0] + [1e-3, -1e-9, 0.0, 1e-6][seed]
+    m = np.tril(m) + np.tril(m, -1).T
+    for kwargs in ({}, {"pattern": pattern}, {"zero_only": True}):
+        try:
+            expected = negative_semidefinite_defect(m.copy(), 1e-15, **kwargs)
+        except ArithmeticError:
+            with pytest.raises(ArithmeticError):
+                negative_semidefinite_defect(torch.as_tensor(m.copy()), 1e-15, **kwargs)
+            continue
+        got = negative_semidefinite_defect(torch.as_tensor(m.copy()), 1e-15, **kwargs)
+        # The eigenvalue estimate that seeds the search comes from torch there (LAPACK's dsyevr here): the proved
+        # deltas may differ in their last digits.
+        assert got == pytest.approx(expected, rel=1e-8, abs=1e-300)
+        assert np.linalg.eigvalsh(m)[-1] <= min(got, expected)

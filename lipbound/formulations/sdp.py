@@ -34,7 +34,7 @@ from lipbound.formulations import qcs
 from lipbound.formulations.scaling import choose_exponents, slope_exponents
 from lipbound.formulations.signal import Lin, SignalModel, SignalStage, lmul, lmul_inexact, rescaled
 from lipbound.network import GroupSortLayer, HouseholderLayer, SlopeRestricted, max_slope
-from lipbound.program import LMI, Program, Term
+from lipbound.program import LMI, DeferredWeights, Program, Term
 from lipbound.rigorous import frobenius_bound, next_down, next_up, round_up, spectral_norm_bound
 
 
@@ -333,12 +333,20 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
                                   left_err=fac.err))
         return blocks, terms
 
-    # -- rigorous norm bounds of the (scaled) block signals for the certificate's repair weights
-    gains = _signal_gains(model)
-    if norm == "linf":
-        gains.append(None)  # the t block: its "signal" is the constant 1, handled below
+    # -- rigorous norm bounds of the (scaled) block signals for the certificate's repair weights, computed when a check
+    # first needs one (never, for a certificate proved with delta = 0)
+    gains_cache: list = []
+
+    def signal_gains() -> list:
+        if not gains_cache:
+            gains = _signal_gains(model)
+            if norm == "linf":
+                gains.append(None)  # the t block: its "signal" is the constant 1, handled below
+            gains_cache.append(gains)
+        return gains_cache[0]
 
     def repair_weight(component: list[int], t_block: int | None) -> float:
+        gains = signal_gains()
         if any(gains[b] is None for b in component if b != t_block):
             return float("inf")
         total = sum((gains[b] ** 2 for b in component if b != t_block), Fraction(0))
@@ -349,17 +357,17 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
     def make_program(blocks: list[int], terms: list[Term]) -> Program:
         comps = _components(len(blocks), terms)
         t_block = len(blocks) - 1 if norm == "linf" else None
-        lmis, weights, rho_lmi, rho_block = [], [], 0, 0
+        lmis, rho_lmi, rho_block = [], 0, 0
         rho_home = 0 if norm == "l2" else t_block
         for ci, comp in enumerate(comps):
             remap = {b: i for i, b in enumerate(comp)}
             sub = [Term(remap[t.row], remap[t.col], t.left, t.right, t.coef, t.const, t.coef_ops, t.left_err,
                         t.right_err, t.mirror) for t in terms if t.row in remap]
             lmis.append(LMI(tuple(blocks[b] for b in comp), tuple(sub), name=f"{name}[{ci}]"))
-            weights.append(repair_weight(comp, t_block))
             if rho_home in remap:
                 rho_lmi, rho_block = ci, remap[rho_home]
-        return Program(tuple(lmis), n_vars, objective, nonneg, tuple(weights),
+        weights = DeferredWeights(len(comps), lambda: [repair_weight(comp, t_block) for comp in comps])
+        return Program(tuple(lmis), n_vars, objective, nonneg, weights,
                        "sqrt" if norm == "l2" else "linear", e_out, rho_index=0,
                        rho_block=rho_block, rho_lmi=rho_lmi, rho_weight=1.0 if norm == "l2" else 2.0,
                        variables=tuple(variables), name=name)

@@ -57,6 +57,9 @@ class PrimalFactor:
 
     cliques: torch.Tensor
     completion: torch.Tensor | None = None
+    #: ``L_c^-1`` of every clique, formed once (the predictor and the corrector both take a primal step) when the
+    #: step estimate would otherwise run many narrow triangular solves on CUDA.
+    inverse_cliques: torch.Tensor | None = None
 
 
 class SemidefiniteCone:
@@ -344,7 +347,12 @@ class SemidefiniteCone:
             t = torch.linalg.solve_triangular(chol, t.transpose(1, 2), upper=False)
             lam = float(torch.linalg.eigvalsh((t + t.transpose(1, 2)) * 0.5).min())
         else:
-            lam = self._clique_krylov_min(chol, dk)
+            if self.dev.type == "cuda" and f.inverse_cliques is None:
+                # One batched solve with the identity (about (2b)^3 flops per clique, at the GPU's rate) replaces the
+                # 2 x 9 narrow solves of each of the two estimates of the iteration.
+                eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=self.dev).expand_as(chol)
+                f.inverse_cliques = torch.linalg.solve_triangular(chol, eye, upper=False)
+            lam = self._clique_krylov_min(chol, dk, inverse=f.inverse_cliques)
         return math.inf if lam >= 0 else -1.0 / lam
 
     def max_step_dual(self, z: torch.Tensor, f: DualFactor, dz: torch.Tensor) -> float:
@@ -398,7 +406,8 @@ class SemidefiniteCone:
         res = self.matvec(dz, u) - float(vals[0]) * self.matvec(z, u)
         return float(vals[0]) - math.sqrt(max(float(res @ (zinv @ res)), 0.0))
 
-    def _clique_krylov_min(self, chol: torch.Tensor, dk: torch.Tensor, width: int = 8) -> float:
+    def _clique_krylov_min(self, chol: torch.Tensor, dk: torch.Tensor, width: int = 8,
+                           inverse: torch.Tensor | None = None) -> float:
         """Safeguarded estimate of the smallest eigenvalue over cliques ``c`` of ``T_c = L_c^-1 dX_c L_c^-T``
         (``X_c = L_c L_c^T``), from block Krylov spaces of all cliques at once (batched triangular solves and
         products, ``lanczos_steps`` vectors per clique in blocks of ``width``).
@@ -406,7 +415,9 @@ class SemidefiniteCone:
         Replaces single-vector Lanczos one clique at a time (868 small calls on 784-2048x4-10); measured: the same
         iteration counts and times on 2 CPU cores and on an H200 (where the GPU work of the direction dominates); the
         exact steps from dense eigenvalues are no longer on that net (its stall is not the estimate's doing). One
-        batched call per block step instead. Rayleigh-Ritz gives Ritz values ``theta >= lambda_min``; subtracting
+        batched call per block step instead. ``inverse`` (the ``L_c^-1``, optional) turns the two triangular solves
+        of each block step into products: on an H200 a solve with 8 right-hand sides against an 8976-row factor
+        took 3.3 ms (latency bound), the product far less. Rayleigh-Ritz gives Ritz values ``theta >= lambda_min``; subtracting
         the residual norm of the extreme Ritz pair moves the estimate to the safe side for the eigenvalue it
         approximates (the caller verifies the step by factorising).
         """
@@ -417,6 +428,8 @@ class SemidefiniteCone:
         lt = chol.transpose(1, 2)
 
         def apply(x: torch.Tensor) -> torch.Tensor:
+            if inverse is not None:
+                return torch.bmm(inverse, torch.bmm(dk, torch.bmm(inverse.transpose(1, 2), x)))
             w = torch.bmm(dk, torch.linalg.solve_triangular(lt, x, upper=True))
             return torch.linalg.solve_triangular(chol, w, upper=False)
 
