@@ -169,10 +169,20 @@ class EntrywiseBound:
         out = np.zeros(n)
         lost = np.zeros(n)
         ops = 8
+        # Pieces share factors (a term's float, underflow and inexact-factor pieces): |L| once per factor and flag in
+        # this call (the pieces keep the arrays alive, so their ids are stable here). 2048-wide factors: 10-15 ms each.
+        seen: dict[tuple[int, bool], np.ndarray] = {}
+
+        def magnitude(factor: np.ndarray, flag: bool, size: int) -> np.ndarray:
+            key = (id(factor), flag)
+            if key not in seen:
+                seen[key] = _magnitude(factor, flag, size)
+            return seen[key]
+
         for a, left, w, b, right, support in self.pieces:
             sa, sb = s[off[a]:off[a + 1]], s[off[b]:off[b + 1]]
-            lm = None if left is None else _magnitude(left, _side(support, "left"), w.size)
-            t = w * (sb if right is None else _magnitude(right, _side(support, "right"), w.size).T @ sb)
+            lm = None if left is None else magnitude(left, _side(support, "left"), w.size)
+            t = w * (sb if right is None else magnitude(right, _side(support, "right"), w.size).T @ sb)
             out[off[a]:off[a + 1]] += sa * (t if lm is None else lm @ t)
             reach = sa * (w if lm is None else lm @ w)
             lost[off[a]:off[a + 1]] += (sb.size + 4) * (reach + 1) + (w.size + 4) * sa
