@@ -265,7 +265,7 @@ def rump_positive_definite(a: np.ndarray, radius: float = 0.0, device: str | Non
     radius : float
         Entrywise bound on the distance to the matrices of interest (ignored when ``bound`` is given).
     device : str, optional
-        ``"cuda"`` runs the Cholesky factorisation on the GPU.
+        ``"cuda"`` runs the whole test on the GPU (one transfer; see :func:`_rump_test`).
     pattern : BlockPattern, optional
         Block sparsity shared by ``a`` and the matrices of interest. Checked against ``a``; when ``a`` has a
         non-zero outside it the dense constants are used.
