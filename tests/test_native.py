@@ -338,3 +338,14 @@ def test_an_optimum_below_the_datas_rounding_level_is_not_reported_optimal():
     assert good.status == "optimal" and good.info["rounding_floor"] <= 1e-9
     assert bad.status != "optimal" and bad.info["rounding_floor"] > 1e-9
     assert unscaled.value(bad.y) == pytest.approx(scaled.value(good.y), rel=1e-6)
+
+
+def test_dense_cone_above_the_exact_step_size_agrees_with_the_chordal_layout():
+    """A dense cone of more than 256 rows takes Krylov step estimates and frees its Cholesky factor once Z^-1 is
+    formed (memory of large GPU problems); the optimum is the chordal layout's."""
+    program = lipsdp(random_net([30, 100, 100, 100, 3], seed=3)).solve_program
+    assert program.lmis[0].size > 256
+    dense = NativeSolver("dense").solve(program)
+    chordal = NativeSolver("chordal").solve(program)
+    assert dense.status == chordal.status == "optimal"
+    assert program.value(dense.y) == pytest.approx(program.value(chordal.y), rel=1e-8)

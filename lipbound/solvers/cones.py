@@ -46,7 +46,7 @@ class DualFactor:
     """Block Cholesky factor of the slack ``Z`` (plus padding): diagonal factors ``ld`` (lower) and ``lw[s] =
     L_ss^-1 Z_{s,s+1}`` (so ``L_{s+1,s} = lw[s]^T``); ``inverse`` is ``Z^-1`` on the padded grid once formed."""
 
-    ld: torch.Tensor
+    ld: torch.Tensor | None  # None once a large dense cone has formed Z^-1 (see SemidefiniteCone.inverse)
     lw: torch.Tensor
     inverse: torch.Tensor | None = None
 
@@ -173,7 +173,14 @@ class SemidefiniteCone:
         nb, b, n = self.nb, self.b, self.n_pad
         lam_inv = torch.cholesky_inverse(f.ld)
         if nb == 1:
-            f.inverse = (lam_inv[0] + lam_inv[0].T) * 0.5
+            lam_inv = lam_inv[0]
+            f.inverse = lam_inv + lam_inv.T
+            f.inverse *= 0.5
+            del lam_inv
+            if n > _EXACT_STEP_SIZE:
+                # A large dense cone needs only Z^-1 from here on (its step estimate and HKM products use Z^-1; the
+                # factor serves small cones' exact steps and the chordal solves): free the N x N factor.
+                f.ld = None
             return f.inverse
         phi = torch.linalg.solve_triangular(f.ld[:-1].transpose(1, 2), f.lw, upper=True)
         sig = torch.empty(n, n, dtype=torch.float64, device=self.dev)
@@ -299,6 +306,14 @@ class SemidefiniteCone:
     def sym_product_band(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``Pi_E(sym(A C))`` for dense ``A`` (symmetric) and ``C``: only the blocks on ``E`` are formed."""
         nb, b, n = self.nb, self.b, self.n_pad
+        if nb == 1:
+            # One product and one symmetrised copy (the banded path below holds C^T, the product and two temporaries
+            # of N x N at once: 9.4 GB more at the peak of 784-4096x4-10 on the dense layout).
+            t = a @ c
+            out = t + t.T
+            del t
+            out *= 0.5
+            return out.unsqueeze(0)
         av = a.reshape(nb, b, n)
         # Column blocks of C as transposed row blocks of one contiguous copy of C^T (BLAS reads them in place).
         cc = c.T.contiguous().reshape(nb, b, n).transpose(1, 2)
@@ -328,7 +343,10 @@ class SemidefiniteCone:
         """
         if self.nb == 1:
             t = dx[0] @ q
-            return ((t + t.T) * 0.5).unsqueeze(0)
+            out = t + t.T
+            del t
+            out *= 0.5
+            return out.unsqueeze(0)
         qq = self.times_dense(dz, self.solve_dual(zf, q))
         t2 = self.sym_product_band(xhat, qq)
         v = self.half_primal(xf, q)

@@ -304,6 +304,21 @@ class _Run:
         return cone.assemble(cone.lowrank.pair_coefficients(y, False))
 
     @staticmethod
+    def _slack(cone: SemidefiniteCone, y: torch.Tensor) -> torch.Tensor:
+        """``C - A^T(y) = -M(y)``, assembled from the pair coefficients ``coef y + const`` at once."""
+        out = cone.assemble(cone.lowrank.pair_coefficients(y, True))
+        out.neg_()
+        return out
+
+    @staticmethod
+    def _inner_c(cone: SemidefiniteCone, x: torch.Tensor) -> float:
+        """``<C, X> = -<M(0), X> = -2 const . (l_q^T X r_q)_q``."""
+        lr = cone.lowrank
+        if not lr.n_pairs:
+            return 0.0
+        return -2.0 * float(lr.const @ lr.pair_values(x))
+
+    @staticmethod
     def _lp_step(v: torch.Tensor, dv: torch.Tensor) -> float:
         neg = dv < 0
         if not bool(neg.any()):
@@ -331,12 +346,19 @@ class _Run:
             h = _sym(self.basis.T @ h @ self.basis)
         diag = torch.diagonal(h).clone()
         scale = torch.where(diag > 0, diag.rsqrt(), torch.ones_like(diag))
-        hs = h * scale[:, None] * scale[None, :]
-        eye = torch.eye(h.shape[0], dtype=torch.float64, device=self.dev)
+        # In place where it can be (the Schur matrix of 784-4096x4-10 is 2.1 GB): the scaled copy, then its shifts.
+        hs = h * scale[:, None]
+        hs *= scale[None, :]
         shift = 0.0
         with self.policy.scope(h.shape[0]):
             for _ in range(8):
-                chol, info = torch.linalg.cholesky_ex(hs + shift * eye)
+                if shift == 0.0:
+                    chol, info = torch.linalg.cholesky_ex(hs)
+                else:
+                    shifted = hs.clone()
+                    shifted.diagonal().add_(shift)
+                    chol, info = torch.linalg.cholesky_ex(shifted)
+                    del shifted
                 if int(info) == 0:
                     return h, chol, scale
                 shift = 1e-14 if shift == 0.0 else shift * 100.0
@@ -399,6 +421,8 @@ class _Run:
         """Run the method; returns ``(y, status, info)``."""
         dev, cones, nn = self.dev, self.cones, self.nn
         n_nn = int(nn.numel())
+        # C = -M(0) is not kept (an N x N matrix per LMI): <C, X> = -2 const . pair_values(X) and the slack
+        # C - A^T(y) = -M(y) is one assembly of the pair coefficients with the constant (see _slack).
         c_mats = [-cone.assemble(cone.lowrank.const) for cone in cones]
         # Norms of the F_i (via tr(F_i F_i) from G = U^T U) set the starting point and detect redundancy.
         h_id = torch.zeros(self.n, self.n, dtype=torch.float64, device=dev)
@@ -415,6 +439,7 @@ class _Run:
         norm_a[nn] = torch.sqrt(norm_a[nn] ** 2 + 1.0)
         norm_b = float(torch.linalg.vector_norm(self.b))
         norm_c = math.sqrt(sum(cone.norm(cm) ** 2 for cone, cm in zip(cones, c_mats, strict=True)))
+        del c_mats
         # The starting point is SDPT3's, computed on the data normalised to ||b|| = ||C|| = 1 and scaled back: the
         # iterates are then covariant under scalings of b and C (an exactly rescaled program is solved alike).
         sb = norm_b if norm_b > 0 else 1.0
@@ -457,10 +482,10 @@ class _Run:
             if self.dual_feasible:
                 rd, rd_lp = None, torch.zeros_like(s_lp)
             else:
-                rd = [cm - self._assemble(cone, y) - zm for cone, cm, zm in zip(cones, c_mats, zs, strict=True)]
+                rd = [self._slack(cone, y) - zm for cone, zm in zip(cones, zs, strict=True)]
                 rd_lp = y[nn] - s_lp
             rp = self.b - self._adjoint(xs, x_lp)
-            pobj = sum(cone.inner(cm, xm) for cone, cm, xm in zip(cones, c_mats, xs, strict=True))
+            pobj = sum(self._inner_c(cone, xm) for cone, xm in zip(cones, xs, strict=True))
             dobj = float(self.b @ y)
             xz = sum(cone.inner(xm, zm) for cone, xm, zm in zip(cones, xs, zs, strict=True)) + float(x_lp @ s_lp)
             mu = xz / max(n_cone, 1)
@@ -518,7 +543,7 @@ class _Run:
                     status = "stalled"
                     break
             try:
-                step = self._iterate(y, xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone, c_mats)
+                step = self._iterate(y, xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone)
             except ArithmeticError as exc:
                 log.info("native: stopping at iteration %d: %s", it, exc)
                 status = "stalled"
@@ -541,8 +566,7 @@ class _Run:
 
     def _iterate(self, y: torch.Tensor, xs: list[torch.Tensor], zs: list[torch.Tensor], x_lp: torch.Tensor,
                  s_lp: torch.Tensor, xfs: list[PrimalFactor], zfs: list[DualFactor],
-                 rd: list[torch.Tensor] | None, rd_lp: torch.Tensor, rp: torch.Tensor, mu: float, n_cone: int,
-                 c_mats: list[torch.Tensor]):
+                 rd: list[torch.Tensor] | None, rd_lp: torch.Tensor, rp: torch.Tensor, mu: float, n_cone: int):
         """One Mehrotra predictor-corrector step; returns the new iterates, their factors and the step lengths."""
         cones = self.cones
         if any(f is None for f in zfs):
@@ -571,12 +595,14 @@ class _Run:
         if found is None:
             raise ArithmeticError("the search directions lost their accuracy (ill-conditioned Schur matrix)")
         dy, dx, dz, dx_lp, ds, ap, ad = found
+        for f in xfs:
+            f.inverse_cliques = None  # only the step estimates above used them (N x N on the dense layout)
         # The step estimates are checked by factorizing the new iterates (needed next time anyway).
         new_x, new_xfs, ap = self._advance(lambda a: [m + a * d for m, d in zip(xs, dx, strict=True)],
                                            [cone.factor_primal for cone in cones], ap)
 
         def slack(a):
-            return [cm - self._assemble(cone, y + a * dy) for cone, cm in zip(cones, c_mats, strict=True)]
+            return [self._slack(cone, y + a * dy) for cone in cones]
         factor_dual = [cone.factor_dual for cone in cones]
         if self.dual_feasible:
             new_z, new_zfs, ad = self._advance(slack, factor_dual, ad)
@@ -608,18 +634,26 @@ class _Run:
         # X R_d Z^-1 is shared by the predictor and the corrector right-hand sides (zero once dual feasible).
         if rd is None:
             adj_t = torch.zeros(self.n, dtype=torch.float64, device=self.dev)
-            rd = [torch.zeros_like(zm) for zm in zs]
         else:
             adj_t = self._adjoint([hkm(t, r)[0] for t, r in enumerate(rd)], x_lp * rd_lp / s_lp)
         rp_norm = float(torch.linalg.vector_norm(rp))
 
-        def direction(rc_mats, rc_lp, refine):
+        # Memory (the dense layout of 784-4096x4-10 holds 2.4 GB per N x N matrix): the dual residual is not stored
+        # once it is zero, the corrector drops D Z^-1 as soon as dX is formed, and the predictor's matrices are
+        # dropped once the corrector's right-hand side is built (recomputed in the rare fallback to the predictor).
+        def direction(rc_mats, rc_lp, refine, keep_products=False):
             rhs = rp - self._adjoint(rc_mats, rc_lp) + adj_t
             dy = self._solve_schur(h, h_chol, h_scale, rhs)
-            dz = [r - self._assemble(cone, dy) for cone, r in zip(cones, rd, strict=True)]
+            if rd is None:
+                dz = [-self._assemble(cone, dy) for cone in cones]
+            else:
+                dz = [r - self._assemble(cone, dy) for cone, r in zip(cones, rd, strict=True)]
             ds = rd_lp + dy[self.nn]
             prods = [hkm(t, d) for t, d in enumerate(dz)]
-            dx = [rc - p for rc, (p, _) in zip(rc_mats, prods, strict=True)]
+            # dX = R_c - P in place of R_c (the callers build the R_c for this call only).
+            dx = [rc.sub_(p) for rc, (p, _) in zip(rc_mats, prods, strict=True)]
+            if not keep_products:
+                prods = None
             dx_lp = rc_lp - x_lp * ds / s_lp
             for it in range(refine + 1):
                 # Near the optimum the Schur matrix is ill-conditioned and A(dX) drifts from R_p, which
@@ -631,9 +665,12 @@ class _Run:
                 dd = self._solve_schur(h, h_chol, h_scale, err)
                 dy = dy + dd
                 moves = [self._assemble(cone, dd) for cone in cones]
-                dz = [d - mv for d, mv in zip(dz, moves, strict=True)]
+                for d, mv in zip(dz, moves, strict=True):
+                    d.sub_(mv)  # dZ and dX are this call's own tensors: updated in place
                 ds = ds + dd[self.nn]
-                dx = [d + hkm(t, mv)[0] for t, (d, mv) in enumerate(zip(dx, moves, strict=True))]
+                for t, (d, mv) in enumerate(zip(dx, moves, strict=True)):
+                    d.add_(hkm(t, mv)[0])
+                del moves
                 dx_lp = dx_lp - x_lp * dd[self.nn] / s_lp
             # A step of length a changes R_p to (1 - a) R_p + a err: an error far above R_p (and above the
             # tolerance's scale) would throw the iterate off primal feasibility; such a direction is rejected.
@@ -648,8 +685,9 @@ class _Run:
             return ap, ad
 
         # Predictor (affine scaling): target X Z = 0.
-        pred = direction([-xm for xm in xs], -x_lp, 0)
-        dy, dx, dz, dx_lp, ds, prods = pred[:6]
+        pred = direction([-xm for xm in xs], -x_lp, 0, keep_products=True)
+        dy, dx, dz, dx_lp, ds, prods, pred_accurate = pred
+        del pred
         ap, ad = steps(dx, dz, dx_lp, ds)
         ap, ad = min(1.0, ap), min(1.0, ad)
         mu_aff = (sum(cone.inner(xm + ap * d1, zm + ad * d2)
@@ -666,20 +704,30 @@ class _Run:
         # null space (steps of 1e-13 were observed); then fall back to centring alone, and last to the predictor.
         second = [cone.second_order(dx[t], dz[t], q, p, xhat[t], xfs[t], zfs[t])
                   for t, (cone, (p, q)) in enumerate(zip(cones, prods, strict=True))]
-        del prods
         second_lp = dx_lp * ds / s_lp
+        del prods, dx, dz, dy
+        corr = None
         for with_second in (True, False):
-            rc_mats = [sigma * mu * cone.band_of(zi) - xm - (so if with_second else 0.0)
-                       for cone, zi, xm, so in zip(cones, zinv, xs, second, strict=True)]
+            rc_mats = []
+            for cone, zi, xm, so in zip(cones, zinv, xs, second, strict=True):
+                rc = cone.band_of(zi)  # a copy: updated in place (N x N temporaries of the dense layout)
+                rc *= sigma * mu
+                rc -= xm
+                if with_second:
+                    rc -= so
+                rc_mats.append(rc)
             rc_lp = sigma * mu / s_lp - x_lp - (second_lp if with_second else 0.0)
+            second = [None] * len(cones)  # used by the first pass only
+            corr = None
             corr = direction(rc_mats, rc_lp, 2)
             ap, ad = steps(*corr[1:5])
             if corr[-1] and min(ap, ad) >= 0.5 * min(pred_steps):
                 break
         else:
-            if not pred[-1]:
+            if not pred_accurate:
                 return None
-            corr, (ap, ad) = pred, pred_steps
+            del corr
+            corr, (ap, ad) = direction([-xm for xm in xs], -x_lp, 0), pred_steps
         dy, dx, dz, dx_lp, ds = corr[:5]
         return dy, dx, dz, dx_lp, ds, min(1.0, gamma * ap), min(1.0, gamma * ad)
 
@@ -713,4 +761,6 @@ def _tf32(enabled: bool):
 
 
 def _sym(a: torch.Tensor) -> torch.Tensor:
-    return (a + a.T) * 0.5
+    out = a + a.T
+    out *= 0.5
+    return out
