@@ -194,16 +194,23 @@ def test_rump_with_equilibration_never_claims_an_indefinite_matrix(n, seed, shif
         assert exact_is_positive_definite(scaled)
 
 
-def test_rump_proves_badly_scaled_matrices_to_their_own_precision():
+def _badly_scaled_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A positive definite 6 x 6 matrix with diagonal scalings from 2^-800 to 2^800, and the same matrix made
+    indefinite."""
     rng = np.random.default_rng(5)
     b = rng.standard_normal((6, 6))
     a = b @ b.T + 0.1 * np.eye(6)
     d = np.ldexp(1.0, np.array([0, -300, 200, -40, 400, -400]))
     scaled = (a * d[:, None]) * d[None, :]
     scaled = np.tril(scaled) + np.tril(scaled, -1).T
-    assert rump_positive_definite(scaled)
     perturbed = scaled.copy()
     perturbed[1, 1] -= 2 * perturbed[1, 1]  # indefinite
+    return scaled, perturbed
+
+
+def test_rump_proves_badly_scaled_matrices_to_their_own_precision():
+    scaled, perturbed = _badly_scaled_pair()
+    assert rump_positive_definite(scaled)
     assert not rump_positive_definite(perturbed)
 
 
@@ -317,15 +324,8 @@ def test_rump_on_a_torch_device_proves_what_the_numpy_path_proves(seed):
 def test_rump_on_a_torch_device_handles_subnormal_scaling_and_bad_input():
     from lipbound.rigorous import _rump_test
 
-    rng = np.random.default_rng(5)
-    b = rng.standard_normal((6, 6))
-    a = b @ b.T + 0.1 * np.eye(6)
-    d = np.ldexp(1.0, np.array([0, -300, 200, -40, 400, -400]))
-    scaled = (a * d[:, None]) * d[None, :]
-    scaled = np.tril(scaled) + np.tril(scaled, -1).T
+    scaled, perturbed = _badly_scaled_pair()
     assert _rump_test(scaled, 0.0, "cpu", None, None)  # exponents beyond the normal range: the numpy path
-    perturbed = scaled.copy()
-    perturbed[1, 1] -= 2 * perturbed[1, 1]
     assert not _rump_test(perturbed, 0.0, "cpu", None, None)
     assert not _rump_test(np.array([[1.0, 2.0], [0.0, 1.0]]), 0.0, "cpu", None, None)  # not symmetric
     assert not _rump_test(np.array([[1.0, np.nan], [np.nan, 1.0]]), 0.0, "cpu", None, None)

@@ -435,9 +435,9 @@ class SemidefiniteCone:
         exact steps from dense eigenvalues are no longer on that net (its stall is not the estimate's doing). One
         batched call per block step instead. ``inverse`` (the ``L_c^-1``, optional) turns the two triangular solves
         of each block step into products: on an H200 a solve with 8 right-hand sides against an 8976-row factor
-        took 3.3 ms (latency bound), the product far less. Rayleigh-Ritz gives Ritz values ``theta >= lambda_min``; subtracting
-        the residual norm of the extreme Ritz pair moves the estimate to the safe side for the eigenvalue it
-        approximates (the caller verifies the step by factorising).
+        took 3.3 ms (latency bound), the product far less. Rayleigh-Ritz gives Ritz values
+        ``theta >= lambda_min``; subtracting the residual norm of the extreme Ritz pair moves the estimate to the safe
+        side for the eigenvalue it approximates (the caller verifies the step by factorising).
         """
         c, n, _ = chol.shape
         blocks = max(1, -(-min(self.lanczos_steps, n) // width))
