@@ -63,15 +63,15 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
                   ) -> CheckReport:
     """Rigorously bound the program's output from multipliers ``y`` (any source, any accuracy).
 
-    Negative values of sign-constrained multipliers make the certificate invalid (callers clip
-    first with :meth:`Program.clip`); non-finite values likewise. ``device="cuda"`` runs the eigenvalue estimate
-    and Rump's test (its passes over the matrix and its factorisations) on the GPU. ``delta_hints`` (one per LMI,
-    e.g. from a saved certificate) are tried first and proved again. ``rho_on_boundary``: ``rho`` was re-optimised
-    to make its LMI singular, so ``delta = 0`` is not attempted there (it cannot be proved; the attempt costs a
-    factorisation). ``strict_rho``: the LMI holding ``rho`` must be proved with ``delta = 0`` (no repair), else the check fails
-    at once (used to try slightly enlarged ``rho``). ``assemble(t, y)``, when given, returns ``M_t(y)`` as
-    :meth:`~lipbound.program.LMI.assemble` does (the enlarged-rho search passes one that re-uses the sum of the terms
-    without ``rho``); the rounding bound is always that of the whole LMI at ``y``.
+    Negative values of sign-constrained multipliers make the certificate invalid (callers clip first with
+    :meth:`Program.clip`); non-finite values likewise. ``device="cuda"`` runs the eigenvalue estimate and Rump's
+    test (its passes over the matrix and its factorisations) on the GPU. ``delta_hints`` (one per LMI, e.g. from a
+    saved certificate) are tried first and proved again. ``rho_on_boundary``: ``rho`` was re-optimised to make its
+    LMI singular, so ``delta = 0`` is not attempted there (it cannot be proved; the attempt costs a factorisation).
+    ``strict_rho``: the LMI holding ``rho`` must be proved with ``delta = 0`` (no repair), else the check fails at
+    once (used to try slightly enlarged ``rho``). ``assemble(t, y)``, when given, returns ``M_t(y)`` as
+    :meth:`~lipbound.program.LMI.assemble` does (the enlarged-rho search passes one that re-uses the sum of the
+    terms without ``rho``); the rounding bound is always that of the whole LMI at ``y``.
 
     The reported bound is ``2^scale_exponent * g(objective @ y + sum_t delta_t B_t)``, evaluated exactly in
     rationals and rounded up once, at every magnitude: it is ``+inf`` (and not certified) when it overflows, and
