@@ -255,13 +255,10 @@ class LMI:
             d = t.diagonal_values(y)
             rs, cs = slice(off[t.row], off[t.row + 1]), slice(off[t.col], off[t.col + 1])
             if t.row == t.col and t.left is None and t.right is None:
-                diag = m.diagonal()[off[t.row]:off[t.row + 1]] if on_torch else None
+                idx = np.arange(off[t.row], off[t.row + 1])
+                idx = torch.as_tensor(idx, device=m.device) if on_torch else idx
                 for _ in range(2 if t.mirror else 1):
-                    if on_torch:
-                        diag += value(d)
-                    else:
-                        idx = np.arange(off[t.row], off[t.row + 1])
-                        m[idx, idx] += d
+                    m[idx, idx] += value(d)
                 continue
             block = value(t.product(d))
             m[rs, cs] += block
@@ -269,12 +266,10 @@ class LMI:
                 m[cs, rs] += block.T
             if t.row == t.col:
                 dirty.add(t.row)
+        lib = torch if on_torch else np
         for b in dirty:
             s = slice(off[b], off[b + 1])
-            if on_torch:
-                m[s, s] = torch.tril(m[s, s]) + torch.tril(m[s, s], -1).T
-            else:
-                m[s, s] = np.tril(m[s, s]) + np.tril(m[s, s], -1).T
+            m[s, s] = lib.tril(m[s, s]) + lib.tril(m[s, s], -1).T
         return m
 
     def rounding_bound(self, y: np.ndarray) -> EntrywiseBound:

@@ -22,6 +22,7 @@ chain of layer-sized LMIs); the certificate's repair then uses one norm bound pe
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -335,15 +336,12 @@ def lipschitz_problem(model: SignalModel, norm: str = "l2", slope_mode: str = "n
 
     # -- rigorous norm bounds of the (scaled) block signals for the certificate's repair weights, computed when a check
     # first needs one (never, for a certificate proved with delta = 0)
-    gains_cache: list = []
-
+    @functools.cache
     def signal_gains() -> list:
-        if not gains_cache:
-            gains = _signal_gains(model)
-            if norm == "linf":
-                gains.append(None)  # the t block: its "signal" is the constant 1, handled below
-            gains_cache.append(gains)
-        return gains_cache[0]
+        gains = _signal_gains(model)
+        if norm == "linf":
+            gains.append(None)  # the t block: its "signal" is the constant 1, handled below
+        return gains
 
     def repair_weight(component: list[int], t_block: int | None) -> float:
         gains = signal_gains()

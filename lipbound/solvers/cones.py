@@ -41,6 +41,13 @@ from lipbound.solvers.lowrank import LowRankLMI
 _EXACT_STEP_SIZE = 256
 
 
+def symmetrised(a: torch.Tensor) -> torch.Tensor:
+    """``(A + A^T) / 2`` of a square matrix with one temporary (the dense layout's N x N matrices are GBs each)."""
+    out = a + a.T
+    out *= 0.5
+    return out
+
+
 @dataclass
 class DualFactor:
     """Block Cholesky factor of the slack ``Z`` (plus padding): diagonal factors ``ld`` (lower) and ``lw[s] =
@@ -173,9 +180,7 @@ class SemidefiniteCone:
         nb, b, n = self.nb, self.b, self.n_pad
         lam_inv = torch.cholesky_inverse(f.ld)
         if nb == 1:
-            lam_inv = lam_inv[0]
-            f.inverse = lam_inv + lam_inv.T
-            f.inverse *= 0.5
+            f.inverse = symmetrised(lam_inv[0])
             del lam_inv
             if n > _EXACT_STEP_SIZE:
                 # A large dense cone needs only Z^-1 from here on (its step estimate and HKM products use Z^-1; the
@@ -309,11 +314,7 @@ class SemidefiniteCone:
         if nb == 1:
             # One product and one symmetrised copy (the banded path below holds C^T, the product and two temporaries
             # of N x N at once: 9.4 GB more at the peak of 784-4096x4-10 on the dense layout).
-            t = a @ c
-            out = t + t.T
-            del t
-            out *= 0.5
-            return out.unsqueeze(0)
+            return symmetrised(a @ c).unsqueeze(0)
         av = a.reshape(nb, b, n)
         # Column blocks of C as transposed row blocks of one contiguous copy of C^T (BLAS reads them in place).
         cc = c.T.contiguous().reshape(nb, b, n).transpose(1, 2)
@@ -342,11 +343,7 @@ class SemidefiniteCone:
         ``V = chol(Delta)^T T^-T Q`` (:meth:`_markov`). ``O(N^2 b)``.
         """
         if self.nb == 1:
-            t = dx[0] @ q
-            out = t + t.T
-            del t
-            out *= 0.5
-            return out.unsqueeze(0)
+            return symmetrised(dx[0] @ q).unsqueeze(0)
         qq = self.times_dense(dz, self.solve_dual(zf, q))
         t2 = self.sym_product_band(xhat, qq)
         v = self.half_primal(xf, q)

@@ -89,7 +89,7 @@ import torch
 from lipbound.errors import SolverError
 from lipbound.program import LMI, Program
 from lipbound.solvers.base import SolveResult
-from lipbound.solvers.cones import DualFactor, PrimalFactor, SemidefiniteCone
+from lipbound.solvers.cones import DualFactor, PrimalFactor, SemidefiniteCone, symmetrised
 from lipbound.solvers.lowrank import Layout, LowRankLMI, chordal_layout, dense_layout
 from lipbound.solvers.threads import ThreadPolicy
 
@@ -340,10 +340,10 @@ class _Run:
                     gz = lr.gram(zi.float() if low else zi)
                 lr.schur(ga, gz, h)
                 del ga, gz
-        h = _sym(h)
+        h = symmetrised(h)
         h[self.nn, self.nn] += x_lp / s_lp
         if self.basis is not None:
-            h = _sym(self.basis.T @ h @ self.basis)
+            h = symmetrised(self.basis.T @ h @ self.basis)
         diag = torch.diagonal(h).clone()
         scale = torch.where(diag > 0, diag.rsqrt(), torch.ones_like(diag))
         # In place where it can be (the Schur matrix of 784-4096x4-10 is 2.1 GB): the scaled copy, then its shifts.
@@ -399,7 +399,7 @@ class _Run:
         free = torch.tensor(np.flatnonzero(~np.asarray(self.program.nonneg, dtype=bool)), device=self.dev)
         if free.numel() == 0:
             return None
-        vals, vecs = torch.linalg.eigh(_sym(gram[free][:, free]))
+        vals, vecs = torch.linalg.eigh(symmetrised(gram[free][:, free]))
         top = float(vals.max()) if vals.numel() else 0.0
         null = vals <= 64 * np.finfo(float).eps * free.numel() * max(top, np.finfo(float).tiny)
         n_null = int(null.sum())
@@ -433,7 +433,7 @@ class _Run:
                 g = lr.gram(eye)
                 del eye
                 lr.schur(g, g, h_id)
-        self.basis = self._range_basis(_sym(h_id))
+        self.basis = self._range_basis(symmetrised(h_id))
         norm_a = torch.diagonal(h_id).clamp_min(0).sqrt()
         del h_id
         norm_a[nn] = torch.sqrt(norm_a[nn] ** 2 + 1.0)
@@ -758,9 +758,3 @@ def _tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _sym(a: torch.Tensor) -> torch.Tensor:
-    out = a + a.T
-    out *= 0.5
-    return out
