@@ -15,7 +15,7 @@ from torch import nn
 
 from lipbound.certificate import Certificate, certify_multipliers, check_program
 from lipbound.errors import FormulationError, LipboundError, OptionError, SolverError
-from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound
+from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound, product_estimate
 from lipbound.importers import from_torch, load
 from lipbound.network import Network
 from lipbound.options import check_solver, check_solver_options
@@ -294,11 +294,14 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     log.info("%s: formulating the %s program", method, norm)
     timings = {"formulate_s": 0.0, "solve_s": 0.0, "check_s": 0.0}
 
-    def attempt(exponents, strategy=None):
-        nonlocal solver_name
+    def build(exponents):
         tick = time.perf_counter()
-        problem = build_problem(network, method, norm, output_index, coupled, exponents, reduce_input=reduce_input)
+        built = build_problem(network, method, norm, output_index, coupled, exponents, reduce_input=reduce_input)
         timings["formulate_s"] += time.perf_counter() - tick
+        return built
+
+    def attempt(problem, strategy=None):
+        nonlocal solver_name
         if solver_name == "auto":
             solver_name = choose_solver(problem.solve_program)
             check_solver_options(solver_name, solver_options)
@@ -315,22 +318,34 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         timings["check_s"] += time.perf_counter() - tick
         return problem, result, checked
 
-    problem, result, (report, y, raw) = attempt(None)
+    problem, result, (report, y, raw) = attempt(build(None))
     notes = list(problem.notes)
     # Retries of a solve that stopped short, the better certificate standing: (1) the native solver's other cone
-    # layout at the same scaling, when it chose the layout itself (on an H200, 784-2048x4-10 stalled at gap 1 in the
-    # chordal layout and was solved in the dense one; a 14x14 CNN with 8 channels and 4 conv layers the other way
-    # round); (2) block levels from norm products alone (the searched scaling levels can be far off on deep signed
-    # nets, whose program is then badly scaled).
-    retries = [("norm", None, "norm-product scaling levels")]
-    other = _other_layout(solver_name, solver_options, problem.solve_program, result)
-    if other is not None:
-        retries.insert(0, (None, other, f"the native solver's {other} layout"))
-    for exponents, strategy, what in retries:
+    # layout, when it chose the layout itself (on an H200, 784-2048x4-10 stalled at gap 1 in the chordal layout and
+    # was solved in the dense one; a 14x14 CNN with 8 channels and 4 conv layers the other way round); (2) block
+    # levels from norm products alone (the searched scaling levels can be far off on deep signed nets, whose program
+    # is then badly scaled). The rescaled program is skipped when its levels are the searched ones, and tried first
+    # when they differ by _FAR_LEVELS powers of two or more: then the scaling is the likelier culprit (glipsdp-32x32,
+    # levels 28 apart: the other layout stalled too, 20.7 s on 2 cores, before the rescaled solve reached the optimum).
+    retries = []
+    if _stopped_short(result, report, problem.solve_program.value(result.y)):
+        other = _other_layout(solver_name, solver_options, problem.solve_program, result)
+        try:
+            rescaled = build("norm")
+            distance = _scaling_distance(problem.exponents, rescaled.exponents)
+        except (LipboundError, ArithmeticError) as exc:
+            log.warning("%s: no rescaled retry: the norm-product scaling could not be formulated (%s)", method, exc)
+            rescaled, distance = None, 0.0
+        scaling = [(rescaled, None, "norm-product scaling levels")] if distance > 0 else []
+        layout = [] if other is None else [(None, other, f"the native solver's {other} layout")]
+        retries = scaling + layout if distance >= _FAR_LEVELS else layout + scaling
+        if rescaled is not None and not scaling:
+            log.info("%s: the norm-product scaling levels are the searched ones; no rescaled retry", method)
+    for retry_problem, strategy, what in retries:
         if not _stopped_short(result, report, problem.solve_program.value(result.y)):
             break
         log.info("%s: the solve stopped ('%s'); retrying with %s", method, result.status, what)
-        retry = attempt(exponents, strategy)
+        retry = attempt(retry_problem or problem, strategy)
         rep2 = retry[2][0]
         if rep2.certified and (not report.certified or rep2.bound < report.bound):
             notes.append(f"a solve stopped ('{result.status}', " + (
@@ -369,6 +384,31 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         timings=timings, options=options, notes=notes, solver_info=_jsonable(result.info))
 
 
+#: Scalings whose levels differ by this many powers of two (somewhere) count as far apart (see certify's retries).
+_FAR_LEVELS = 8
+
+
+def _scaling_distance(a, b) -> float:
+    """Largest difference, in powers of two, between the levels of two scalings ``(e_in, E_1, ..., e_out)`` (entries
+    as in :func:`~lipbound.formulations.lipschitz_problem`: ints, per-neuron lists, or exponent/factor dicts);
+    ``inf`` when they are not comparable."""
+    def levels(entry) -> np.ndarray:
+        if isinstance(entry, dict):
+            return np.asarray(entry["exponents"], dtype=float) + np.log2(np.asarray(entry["factors"], dtype=float))
+        return np.asarray(entry, dtype=float).reshape(-1)
+
+    if a is None or b is None or len(a) != len(b):
+        return math.inf
+    worst = 0.0
+    for x, z in zip(a, b, strict=True):
+        try:
+            diff = np.abs(levels(x) - levels(z))
+        except (KeyError, TypeError, ValueError):
+            return math.inf
+        worst = max(worst, float(np.max(diff, initial=0.0)))
+    return worst
+
+
 def _stopped_short(result, report, solver_value: float) -> bool:
     """Whether a solve is worth retrying: not optimal and either uncertified, or its relative gap above 1e-4, or
     its certified bound more than 1e-4 above the solver's value (a point the repair had to move far). A solve that
@@ -396,8 +436,17 @@ def _other_layout(solver_name: str, solver_options: dict, program, result) -> st
 
 
 def _product_fallback(network, norm: str, output_index, than: float):
-    """``(bound, exponents)`` of the product bound when it is finite and smaller than ``than``, else None."""
+    """``(bound, exponents)`` of the product bound when it is finite and smaller than ``than``, else None.
+
+    In l2 its estimate comes first: the rigorous bound is at least the estimate (up to rounding, covered by a margin
+    of 1e-6), so an estimate above ``than`` means no fallback without proving any norm (784-4096x4-10 on an H200
+    host: 13.5 s of proofs for a product bound of 27.1 against a certificate of 5.23)."""
     try:
+        if norm == "l2" and math.isfinite(than):
+            estimate = product_estimate(network, output_index)
+            if estimate is not None and estimate >= than * (1 + 1e-6):
+                log.info("the product bound's estimate %.6g is above the certificate %.6g: no fallback", estimate, than)
+                return None
         bound, _, exponents = product_bound(network, norm, output_index)
     except (LipboundError, ArithmeticError) as exc:
         log.info("no product bound to fall back on: %s", exc)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import lipbound
 from lipbound import Affine, Ball, Box, Network
-from lipbound.api import domain_from_dict, plan_methods
+from lipbound.api import _FAR_LEVELS, _scaling_distance, build_problem, domain_from_dict, plan_methods
 from lipbound.errors import FormulationError, OptionError, SolverError
 from lipbound.network import GroupSortLayer, HouseholderLayer
 from tests.conftest import implicit_net, random_net
@@ -383,19 +383,77 @@ def test_tampered_certificates_never_raise_and_never_validate_a_false_bound(case
 
 def test_stopped_solve_is_retried_in_the_other_native_layout(caplog):
     # A deep chain gets the chordal layout on CPU; a run stopped by max_iter is retried in the dense layout at the
-    # same scaling, then with norm-product levels; a forced layout (native-chordal) is never switched.
+    # same scaling; a forced layout (native-chordal) is never switched. Nonnegative weights cancel nothing, so the
+    # norm-product levels are the searched ones and no rescaled retry runs (it would solve the same program).
     net = lipbound.from_weights([np.full((20, 4), 0.3)] + [np.full((20, 20), 0.06)] * 29 + [np.full((1, 20), 0.2)],
                                 "relu")
     with caplog.at_level(logging.INFO, logger="lipbound"):
         cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
     assert "retrying with the native solver's dense layout" in caplog.text
-    assert "retrying with norm-product scaling" in caplog.text
-    assert caplog.text.index("dense layout") < caplog.text.index("norm-product scaling")
+    assert "retrying with norm-product scaling" not in caplog.text
+    assert "the norm-product scaling levels are the searched ones; no rescaled retry" in caplog.text
     assert cert.certified and lipbound.verify_certificate(cert.to_json(), net).valid
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lipbound"):
         lipbound.certify(net, method="lipsdp-neuron", solver="native-chordal", max_iter=2)
     assert "retrying with the native solver's" not in caplog.text
+
+
+def test_rescaled_retry_comes_first_when_the_scalings_are_far_apart(caplog):
+    # 24 signed 6 x 6 layers of spectral norm 1: the searched levels put the output 2^-15 below the norm-product
+    # levels (cancellations), so a stopped solve is retried with norm-product levels before the other layout.
+    rng = np.random.default_rng(4)
+    weights = [w / np.linalg.norm(w, 2) for w in rng.standard_normal((24, 6, 6))]
+    net = lipbound.from_weights(weights, "relu")
+    searched = build_problem(net, "lipsdp-neuron").exponents
+    rescaled = build_problem(net, "lipsdp-neuron", exponents="norm").exponents
+    assert _scaling_distance(searched, rescaled) >= _FAR_LEVELS
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
+    assert "retrying with norm-product scaling" in caplog.text
+    if "retrying with the native solver's" in caplog.text:
+        assert caplog.text.index("norm-product scaling") < caplog.text.index("retrying with the native solver's")
+    assert cert.certified and lipbound.verify_certificate(cert.to_json(), net).valid
+
+
+def test_scaling_distance_compares_levels_in_powers_of_two():
+    assert _scaling_distance((0, 3, [1, 2], 5), (0, 3, [1, 2], 5)) == 0.0
+    assert _scaling_distance((0, 3, [1, 2], 5), (0, 1, 2, -1)) == 6.0
+    assert _scaling_distance((0, {"exponents": [1, 1], "factors": [1.0, 1.5]}, 0), (0, 1, 0)) == pytest.approx(
+        np.log2(1.5))
+    assert _scaling_distance((0, 1), (0, 1, 2)) == math.inf
+    assert _scaling_distance((0, [1, 2], 0), (0, [1, 2, 3], 0)) == math.inf
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_product_estimate_is_below_the_product_bound(seed):
+    # Ritz values never exceed the norms they estimate: the estimate may only be below the certified product (the
+    # certificate skips the proofs when the estimate already exceeds its bound), and close to it.
+    from lipbound.formulations.lipsdp import product_bound, product_estimate
+
+    rng = np.random.default_rng(seed)
+    dims = [int(rng.integers(2, 90)) for _ in range(int(rng.integers(2, 6)))]
+    scales = np.exp2(rng.integers(-40, 40, size=len(dims) - 1))
+    weights = [s * rng.standard_normal((b, a)) for a, b, s in zip(dims[:-1], dims[1:], scales, strict=True)]
+    net = lipbound.from_weights(weights, "relu")
+    estimate, (bound, _, _) = product_estimate(net), product_bound(net)
+    assert estimate <= bound * (1 + 1e-12)
+    assert estimate >= bound * (1 - 1e-6)
+
+
+def test_stopped_solve_below_the_product_estimate_proves_no_product_bound(caplog, monkeypatch):
+    # A solve stopped by max_iter close to the optimum: the product bound's estimate (4.76) is far above the
+    # certificate (1.65), so no norm is proved for a fallback that could not win.
+    import lipbound.api as api
+
+    net = random_net([6, 12, 12, 2], seed=3)
+    proved, original = [], api.product_bound
+    monkeypatch.setattr(api, "product_bound", lambda *a, **k: proved.append(a) or original(*a, **k))
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=12)
+    assert cert.status != "optimal" and cert.certified and "product_fallback" not in cert.options
+    assert "the product bound's estimate" in caplog.text and proved == []
+    assert cert.upper_bound < lipbound.certify(net, method="mp").upper_bound
 
 
 def test_stopped_solve_never_certifies_above_the_product_bound(caplog):

@@ -36,7 +36,7 @@ from lipbound.formulations.scaling import choose_exponents, slope_exponents
 from lipbound.formulations.signal import Lin, SignalModel, SignalStage, lmul, lmul_inexact, rescaled
 from lipbound.network import GroupSortLayer, HouseholderLayer, SlopeRestricted, max_slope
 from lipbound.program import LMI, DeferredWeights, Program, Term
-from lipbound.rigorous import frobenius_bound, next_down, next_up, round_up, spectral_norm_bound
+from lipbound.rigorous import frobenius_bound, next_down, next_up, round_up, spectral_norm_bound, spectral_norm_estimate
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,25 +64,33 @@ def _norm_upper(lin: Lin, n: int) -> Fraction:
     return bound * Fraction(2) ** lin.power
 
 
-def _map_norm(model: SignalModel, b: int, lin: Lin) -> Fraction:
+def _norm_estimate(lin: Lin, n: int) -> Fraction:
+    """Floating-point estimate of the map's norm (error bounds left out), exact powers of two kept apart."""
+    if lin.mat is None:
+        return Fraction(2) ** lin.power
+    return Fraction(spectral_norm_estimate(lin.mat)) * Fraction(2) ** lin.power
+
+
+def _map_norm(model: SignalModel, b: int, lin: Lin, norm=_norm_upper) -> Fraction:
     """Rigorous norm of the map from block ``b``'s signal (for block 0: from ``dx``, through ``W_in``, as one
-    product so that a balanced split of ``W_in`` costs nothing)."""
+    product so that a balanced split of ``W_in`` costs nothing); ``norm=_norm_estimate``: its estimate."""
     if b == 0:
         lin = lmul_inexact(lin, model.input_map, None)
-    return _norm_upper(lin, model.coefficient_dim(b))
+    return norm(lin, model.coefficient_dim(b))
 
 
-def _signal_gains(model: SignalModel) -> list[Fraction | None]:
-    """Rigorous upper bounds ``g_b >= ||v_b|| / ||dx||`` (Fractions; None past a non-contractive self-loop)."""
+def _signal_gains(model: SignalModel, norm=_norm_upper) -> list[Fraction | None]:
+    """Rigorous upper bounds ``g_b >= ||v_b|| / ||dx||`` (Fractions; None past a non-contractive self-loop), or
+    their estimates with ``norm=_norm_estimate``."""
     gains: list[Fraction | None] = [Fraction(1)]
     for k, stage in enumerate(model.stages, start=1):
         s = Fraction(max_slope(stage.layer))
         total, self_gain = Fraction(0), None
         for b, lin in stage.pre.items():
             if b == k:
-                self_gain = _norm_upper(lin, stage.width)
+                self_gain = norm(lin, stage.width)
                 continue
-            total += _map_norm(model, b, lin) * gains[b]
+            total += _map_norm(model, b, lin, norm) * gains[b]
         if self_gain is not None:
             contraction = s * self_gain
             gains.append(s * total / (1 - contraction) if contraction < 1 else None)
@@ -199,7 +207,7 @@ def scaled_signal_model(model: SignalModel, slope_mode: str, exponents=None) -> 
     return SignalModel(model.input_dim, w_in, stages, out, model.output_dim, model.notes), e_out, tuple(exponents)
 
 
-def signal_product_bound(model: SignalModel, exponents=None) -> tuple[float, float, tuple]:
+def signal_product_bound(model: SignalModel, exponents=None, rigorous: bool = True) -> tuple[float, float, tuple]:
     """Product bound over the signal model's paths, in balanced coordinates: ``(certified, estimate, exponents)``.
 
     With ``g_b`` the rigorous norm-product gains of the scaled block signals (``g_k = s_k sum_b ||P_kb|| g_b``,
@@ -208,15 +216,16 @@ def signal_product_bound(model: SignalModel, exponents=None) -> tuple[float, flo
     LipSDP-Layer: one per block unless a block is badly balanced, see
     :func:`~lipbound.formulations.scaling.choose_exponents`): valid for every element-wise activation since
     diagonal slope matrices commute with ``D`` (and for GroupSort/Householder, whose Jacobians commute with
-    group-constant factors).
+    group-constant factors). ``rigorous=False``: the same product of floating-point norm estimates (not a bound).
     """
     scaled, e_out, exponents = scaled_signal_model(model, "layer", exponents)
-    gains = _signal_gains(scaled)
+    norm = _norm_upper if rigorous else _norm_estimate
+    gains = _signal_gains(scaled, norm)
     if len(gains) <= len(scaled.stages) or any(g is None for g in gains):
         return math.inf, math.inf, exponents
     total = Fraction(0)
     for b, lin in scaled.output.items():
-        total += _map_norm(scaled, b, lin) * gains[b]
+        total += _map_norm(scaled, b, lin, norm) * gains[b]
     total *= Fraction(2) ** e_out
     return round_up(total), round_up(total), exponents
 

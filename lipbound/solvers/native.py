@@ -433,6 +433,9 @@ class _Run:
                 g = lr.gram(eye)
                 del eye
                 lr.schur(g, g, h_id)
+                # The Gram matrix of the factor columns is m x m (8.4 GiB at 784-4096x4-10): kept alive for the
+                # whole run by this frame, it was a fifth of that net's peak memory.
+                del g
         self.basis = self._range_basis(symmetrised(h_id))
         norm_a = torch.diagonal(h_id).clamp_min(0).sqrt()
         del h_id
@@ -595,8 +598,13 @@ class _Run:
         if found is None:
             raise ArithmeticError("the search directions lost their accuracy (ill-conditioned Schur matrix)")
         dy, dx, dz, dx_lp, ds, ap, ad = found
+        # Only the directions and step estimates above use the Schur factor, Z^-1, the completion and the inverse
+        # clique factors: free them before the new iterates are formed (each N x N, 2.2 GiB at 784-4096x4-10).
+        del schur, state, found, zinv, xhat
         for f in xfs:
-            f.inverse_cliques = None  # only the step estimates above used them (N x N on the dense layout)
+            f.inverse_cliques = f.completion = None
+        for f in zfs:
+            f.inverse = None
         # The step estimates are checked by factorizing the new iterates (needed next time anyway).
         new_x, new_xfs, ap = self._advance(lambda a: [m + a * d for m, d in zip(xs, dx, strict=True)],
                                            [cone.factor_primal for cone in cones], ap)
