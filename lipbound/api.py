@@ -397,7 +397,7 @@ def _scaling_distance(a, b) -> float:
             return np.asarray(entry["exponents"], dtype=float) + np.log2(np.asarray(entry["factors"], dtype=float))
         return np.asarray(entry, dtype=float).reshape(-1)
 
-    if a is None or b is None or len(a) != len(b):
+    if len(a) != len(b):
         return math.inf
     worst = 0.0
     for x, z in zip(a, b, strict=True):
