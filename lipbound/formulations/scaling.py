@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from lipbound.formulations.signal import Lin, SignalModel
 from lipbound.network import GroupSortLayer, HouseholderLayer, SlopeRestricted
@@ -58,6 +59,8 @@ _PATTERN_POWER_STEPS = 6
 _POWER_STEPS = 8
 #: Balancing sweeps over the blocks.
 _SWEEPS = 4
+#: Largest sum of cubed widths for which :meth:`_Graph.chain_levels` runs (about 0.1 s on 2 cores).
+_CHAIN_FLOPS = 1e9
 
 
 @dataclass(frozen=True, eq=False)
@@ -345,6 +348,63 @@ class _Graph:
                 x = grad / norm
         return float(best) if np.isfinite(best) else None
 
+    # -- a feasible point of a chain (the levels of LipSDP's multipliers)
+    def chain_levels(self, t: list[np.ndarray]) -> tuple[np.ndarray, float] | None:
+        """Block levels and the output level (log2) of the sequential feasible point of LipSDP-Neuron on a chain
+        of slope-restricted stages (ECLipsE-Fast's closed form, Xu and Sivaranjani 2024), computed in the
+        coordinates of the per-neuron log2 factors ``t`` (blocks 1..m; a balanced network, so that one multiplier
+        per layer fits every neuron), or None for other models and for chains too wide to be worth it
+        (:data:`_CHAIN_FLOPS`). The block levels are relative to ``t``, the output level is absolute.
+
+        With ``rho = 1`` and one multiplier ``lambda_k`` per layer, eliminating the blocks in order leaves
+        ``S_0 = I`` and ``S_k = 2 lambda_k I - lambda_k^2 A_k`` with ``A_k = G_k P_k S_{k-1}^-1 P_k^T G_k``
+        (``G_k = diag(alpha + beta)``); ``lambda_k = 1 / lambda_max(A_k)`` keeps every ``S_k`` positive definite,
+        and ``rho = lambda_max(C S_m^-1 C^T)`` closes the chain (the ``alpha beta`` terms are left out: a scaling
+        needs the levels, not the bound). Returned: ``-log2(lambda_k) / 2`` (the signal level at which block
+        ``k``'s multipliers are O(1); the norm-product gains for a chain without cancellations) and
+        ``log2(rho) / 2``. Every matrix is kept as ``2^power * mat`` with ``max |mat|`` near 1, so no magnitude
+        overflows. A point of a deep signed chain is far from LipSDP's optimum (glipsdp-16x64: 2^-20.9 against an
+        optimum of 2^-34.3), but its levels fall off with depth as the optimum's do; the worst-direction search
+        (2^-55.5 there) gives the other side (:func:`choose_exponents`).
+        """
+        m = self.m
+        chain = all(set(self.incoming[k]) == {k - 1} for k in range(1, m + 1)) and set(self.output) == {m}
+        if m == 0 or not chain or not all(isinstance(layer, SlopeRestricted) for layer in self.layers):
+            return None
+        if sum(float(n) ** 3 for n in self.sizes[1:]) > _CHAIN_FLOPS:
+            return None
+        s_mat, s_log = None, 0.0  # S_{k-1} = 2^s_log * s_mat (None: the identity of block 0)
+        levels = np.empty(m)
+        for k in range(1, m + 1):
+            mp = _scaled_map(self.incoming[k][k - 1], t[k - 1], t[k - 2] if k > 1 else np.zeros(self.sizes[0]))
+            mat = mp.mat
+            g = self.alpha[k - 1] + self.beta[k - 1]
+            inner = mat @ mat.T if s_mat is None else mat @ _spd_solve(s_mat, mat.T)
+            if inner is None:
+                return None
+            a = symmetric(g[:, None] * inner * g[None, :])
+            big = float(np.max(np.abs(a), initial=0.0))
+            if big == 0.0 or not np.isfinite(big):
+                return None
+            e = int(np.frexp(big)[1])
+            a = np.ldexp(a, -e)
+            sigma = _largest_eigenvalue(a)
+            if not sigma > 0:
+                return None
+            a_log = 2 * mp.power - s_log + e  # A_k = 2^a_log * a
+            levels[k - 1] = (a_log + np.log2(sigma)) / 2  # -log2(lambda_k) / 2, lambda_k = 2^-a_log / sigma
+            s_mat, s_log = (2.0 / sigma) * np.eye(len(a)) - a / sigma ** 2, -a_log
+        n_out = self.sizes[m] if self.output[m].mat is None else self.output[m].mat.shape[0]
+        out = _scaled_map(self.output[m], np.zeros(n_out), t[m - 1])
+        c = out.mat
+        inner = c @ _spd_solve(s_mat, c.T)
+        if inner is None:
+            return None
+        rho = _largest_eigenvalue(symmetric(inner))
+        if not rho > 0:
+            return None
+        return levels, (np.log2(rho) + 2 * out.power - s_log) / 2
+
     # -- balancing
     def balance(self, t: list[np.ndarray], t_out: float, groups: list[np.ndarray | None]) -> list[np.ndarray]:
         """Sweeps of per-neuron (per-group) balancing of log2 factors ``t`` (block 0 pinned at 0, output at
@@ -376,6 +436,34 @@ class _Graph:
                 ok = np.isfinite(new)
                 t[k] = np.where(ok, new, t[k])
         return t[1:]
+
+
+def _scaled_map(mp: _Map, row_log2: np.ndarray, col_log2: np.ndarray) -> _Map:
+    """``diag(2^-row_log2) M diag(2^col_log2)`` for ``M = mp`` (dense), overflow-free."""
+    mat = np.eye(len(row_log2)) if mp.mat is None else mp.mat
+    shift = col_log2[None, :] - row_log2[:, None]
+    top = float(np.max(shift)) if shift.size else 0.0
+    if not np.isfinite(top):
+        return _Map.of(mat, mp.power)
+    top = np.floor(top)
+    return _Map.of(mat * np.exp2(shift - top), mp.power + int(top))
+
+
+def symmetric(a: np.ndarray) -> np.ndarray:
+    return (a + a.T) / 2
+
+
+def _spd_solve(s_mat: np.ndarray, rhs: np.ndarray) -> np.ndarray | None:
+    """``s_mat^-1 rhs`` by Cholesky (None when ``s_mat`` is not numerically positive definite)."""
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(s_mat), rhs)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+
+
+def _largest_eigenvalue(a: np.ndarray) -> float:
+    n = a.shape[0]
+    return float(scipy.linalg.eigh(a, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
 
 
 def _transpose(sq: np.ndarray | None) -> np.ndarray | None:
@@ -449,10 +537,25 @@ def choose_exponents(model: SignalModel, slope_mode: str, slope_exp: list[np.nda
     gains, out_np = graph.norm_product_gains()
     depth, depth_out = graph.depths()
     worst = graph.worst_direction_gain() if cancellation else None
-    cancellation = 0.0 if worst is None else min(worst - out_np, 0.0)
-    t_out = out_np + cancellation
-    start = [np.full(graph.sizes[k], gains[k] + cancellation * depth[k] / depth_out) for k in range(1, graph.m + 1)]
-    balanced = graph.balance(start, t_out, [_groups(layer) for layer in graph.layers])
+    groups = [_groups(layer) for layer in graph.layers]
+    chain = None
+    if cancellation:
+        plain = graph.balance([np.full(graph.sizes[k], gains[k]) for k in range(1, graph.m + 1)], out_np, groups)
+        chain = graph.chain_levels(plain)
+    if chain is None:
+        cancellation = 0.0 if worst is None else min(worst - out_np, 0.0)
+        t_out = out_np + cancellation
+        start = [np.full(graph.sizes[k], gains[k] + cancellation * depth[k] / depth_out)
+                 for k in range(1, graph.m + 1)]
+        balanced = graph.balance(start, t_out, groups)
+    else:
+        # LipSDP's optimum lies between the worst direction found (below the Lipschitz constant) and the chain's
+        # feasible point (found in balanced coordinates): the output level is their midpoint (in log2), and the
+        # missing factor falls off with depth as the multipliers do.
+        levels, t_chain = chain
+        t_out = t_chain if worst is None else (t_chain + min(worst, t_chain)) / 2
+        balanced = [plain[k - 1] + levels[k - 1] + (t_out - t_chain) * depth[k] / depth_out
+                    for k in range(1, graph.m + 1)]
     blocks: list[int | list[int] | dict] = []
     for t in balanced:
         e = np.round(t).astype(np.int64)
