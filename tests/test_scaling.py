@@ -277,3 +277,31 @@ def test_deep_signed_chain_is_solved_at_the_chain_levels():
     assert cert.upper_bound == pytest.approx(cert.solver_bound, rel=1e-6)
     dense = lipbound.certify(net, method="lipsdp-neuron", solver="native-dense")
     assert dense.upper_bound == pytest.approx(cert.upper_bound, rel=1e-6)
+
+
+def test_converged_answer_out_of_reach_is_re_solved_with_a_margin(caplog):
+    # 64 signed 8 x 8 layers: the solver converges (value 2.27e-10), but its answer is singular up to rounding in
+    # the last blocks, which rho does not reach: the check alone certified 6.5e-4. Re-solved with the LMI tightened
+    # by twice its rounding radius, the answer is proved within 1e-6 of the value.
+    import logging
+
+    net = signed_chain(64, 8, seed=7)
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        cert = lipbound.certify(net, method="lipsdp-neuron", solver="native")
+    assert "re-solving with the LMIs tightened" in caplog.text
+    assert cert.certified and any("tightened" in n for n in cert.notes)
+    assert cert.upper_bound == pytest.approx(cert.solver_bound, rel=1e-6)
+    assert lipbound.verify_certificate(cert.to_json(), net).valid
+
+
+def test_tightened_program_shifts_every_diagonal_block():
+    net = signed_chain(3, 4, seed=1)
+    program = lipsdp(net, "neuron").program
+    y = np.abs(np.random.default_rng(0).standard_normal(program.n_vars))
+    tight = program.tightened([0.25])
+    assert np.array_equal(tight.lmis[0].assemble(y), program.lmis[0].assemble(y) + 0.25 * np.eye(program.lmis[0].size))
+    assert tight.objective is program.objective and tight.rho_index == program.rho_index
+    with pytest.raises(ValueError, match="one margin per LMI"):
+        program.tightened([])
+    with pytest.raises(ValueError, match="finite"):
+        program.tightened([float("nan")])
