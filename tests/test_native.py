@@ -398,3 +398,21 @@ def test_large_intermediates_are_freed_when_no_longer_needed(monkeypatch, strate
     leftovers = [alive for alive in checked if any(name != "completion" or strategy == "chordal"
                                                         for name in alive)]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("strategy", ["dense", "chordal"])
+def test_trail_holds_strictly_feasible_iterates_most_accurate_first(strategy):
+    # SolveResult.trail: the first dual-feasible iterate of each decade of the gap below 1e-4, for certificates the
+    # answer itself cannot give (certify checks them when the answer's check lands far above its value).
+    rng = np.random.default_rng(5)
+    weights = [rng.standard_normal((6, 6)) for _ in range(6)]
+    program = lipsdp(lipbound.from_weights(weights, "relu"), "neuron").solve_program
+    res = NativeSolver(strategy).solve(program)
+    assert res.status == "optimal" and len(res.trail) >= 2
+    values = [float(program.objective @ y) for y in res.trail]
+    assert values == sorted(values)  # most accurate (lowest: dual-feasible values approach from above) first
+    assert values[0] >= float(program.objective @ res.y) * (1 - 1e-12)
+    for y in res.trail:
+        assert not np.array_equal(y, res.y)
+        assert all(np.linalg.eigvalsh(lmi.assemble(y))[-1] < 0 for lmi in program.lmis)
+    assert get_solver("clarabel").solve(program).trail == ()

@@ -15,13 +15,15 @@ log = logging.getLogger("lipbound")
 
 @dataclass(frozen=True)
 class SolveResult:
-    """Multipliers returned by a backend, with its own status (never trusted alone)."""
+    """Multipliers returned by a backend, with its own status (never trusted alone). ``trail``: earlier strictly
+    feasible iterates near the optimum, most accurate first (the native solver; empty for the others)."""
 
     y: np.ndarray
     status: str
     solver: str
     time_s: float
     info: dict = field(default_factory=dict)
+    trail: tuple[np.ndarray, ...] = ()
 
 
 def get_solver(name: str):

@@ -254,12 +254,19 @@ class NativeSolver:
                 y, status, info = run.solve()
         finally:
             torch.set_num_threads(saved)
+        # Earlier strictly feasible iterates, most accurate first, without the one returned.
+        trail = tuple(v for _, v in sorted(run.trail.items(), reverse=True) if not np.array_equal(v, y))
         info["device"] = str(dev)
         info["strategy"] = ",".join("dense" if lay.nb == 1 else "chordal" for lay in layouts)
         info["super_blocks"] = ",".join(f"{lay.nb}x{lay.b}" for lay in layouts)
         if dev.type == "cuda":
             info["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        return SolveResult(y, status, self.name, time.perf_counter() - start, info)
+        return SolveResult(y, status, self.name, time.perf_counter() - start, info, trail)
+
+
+#: Dual-feasible iterates whose relative gap is at most this are kept, the first of each decade of the gap
+#: (``SolveResult.trail``): further from the boundary than the answer, for a certificate the answer cannot give.
+_TRAIL_GAP = 1e-4
 
 
 class _Run:
@@ -287,6 +294,7 @@ class _Run:
         self.n = program.n_vars
         self.basis: torch.Tensor | None = None
         self.dual_feasible = False
+        self.trail: dict[int, np.ndarray] = {}  # first dual-feasible iterate per decade of the gap
 
     # -- helpers --------------------------------------------------------------------------------------
     def _say(self, msg: str, *args) -> None:
@@ -515,6 +523,10 @@ class _Run:
             if self.dual_feasible and -dobj < best_feasible[0]:
                 # Every dual-feasible iterate is a valid answer; the lowest objective is the best one.
                 best_feasible = (-dobj, y.clone(), dict(info))
+            if self.dual_feasible and gap <= _TRAIL_GAP:
+                decade = math.floor(-math.log10(max(gap, 1e-300)))
+                if decade not in self.trail:
+                    self.trail[decade] = y.cpu().numpy()
             self._say("native it %3d  obj %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e  floor %.1e  "
                       "mu %.2e  step %.3f %.3f", it, -dobj, -pobj, gap, pinf, dinf, floor, mu, alpha_p, alpha_d)
             if merit <= self.tol:
