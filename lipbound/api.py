@@ -333,10 +333,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         if found[0].certified and found[0].bound <= value * (1 + _REACH):
             log.info("%s: the answer's check certified %s; an earlier iterate of the run certifies %.10g", method,
                      f"{report.bound:.6g}" if report.certified else "nothing", found[0].bound)
-            notes.append(f"the solver's answer (value {value:.6g}) was too close to the boundary of the LMI to be "
-                         "proved without a large repair (" + (f"certified {report.bound:.6g}" if report.certified
-                                                              else "not certified") +
-                         "); this certificate comes from an earlier iterate of the same run.")
+            notes.append(_boundary_note(value, report, "an earlier iterate of the same run"))
             report, y, raw = found
             break
     if _converged_out_of_reach(result, report, value):
@@ -352,11 +349,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         retry = attempt(problem, None, margins)
         rep2 = retry[2][0]
         if rep2.certified and (not report.certified or rep2.bound < report.bound):
-            notes.append(f"the solver's answer (value {value:.6g}) was too close to the boundary of the LMI to be "
-                         "proved without a large repair (" + (f"certified {report.bound:.6g}" if report.certified
-                                                              else "not certified") +
-                         "); this certificate comes from a solve with every LMI tightened by twice its rounding "
-                         "radius.")
+            notes.append(_boundary_note(value, report, "a solve with every LMI tightened by twice its rounding radius"))
             problem, result, (report, y, raw) = retry
     # Retries of a solve that stopped short, the better certificate standing: (1) the native solver's other cone
     # layout, when it chose the layout itself (on an H200, 784-2048x4-10 stalled at gap 1 in the chordal layout and
@@ -467,6 +460,12 @@ def _stopped_short(result, report, solver_value: float) -> bool:
 _CONVERGED_GAP, _REACH = 1e-6, 1e-4
 #: Earlier iterates of a converged run checked before a re-solve with tightened LMIs (most accurate first).
 _TRAIL_CHECKS = 3
+
+
+def _boundary_note(value: float, report, source: str) -> str:
+    return (f"the solver's answer (value {value:.6g}) was too close to the boundary of the LMI to be proved without a "
+            "large repair (" + (f"certified {report.bound:.6g}" if report.certified else "not certified") +
+            f"); this certificate comes from {source}.")
 
 
 def _converged_out_of_reach(result, report, solver_value: float) -> bool:

@@ -382,7 +382,7 @@ class _Graph:
             inner = mat @ mat.T if s_mat is None else mat @ _spd_solve(s_mat, mat.T)
             if inner is None:
                 return None
-            a = symmetric(g[:, None] * inner * g[None, :])
+            a = _symmetric(g[:, None] * inner * g[None, :])
             big = float(np.max(np.abs(a), initial=0.0))
             if big == 0.0 or not np.isfinite(big):
                 return None
@@ -400,7 +400,7 @@ class _Graph:
         inner = c @ _spd_solve(s_mat, c.T)
         if inner is None:
             return None
-        rho = _largest_eigenvalue(symmetric(inner))
+        rho = _largest_eigenvalue(_symmetric(inner))
         if not rho > 0:
             return None
         return levels, (np.log2(rho) + 2 * out.power - s_log) / 2
@@ -449,7 +449,7 @@ def _scaled_map(mp: _Map, row_log2: np.ndarray, col_log2: np.ndarray) -> _Map:
     return _Map.of(mat * np.exp2(shift - top), mp.power + int(top))
 
 
-def symmetric(a: np.ndarray) -> np.ndarray:
+def _symmetric(a: np.ndarray) -> np.ndarray:
     return (a + a.T) / 2
 
 
