@@ -101,7 +101,7 @@ def _certify_worker(spec: NetSpec, method: str, solver: str, options: dict, queu
             record = {"upper_bound": cert.upper_bound, "certified": cert.certified, "solver_bound": cert.solver_bound,
                       "status": cert.status, "reason": cert.reason, "eigen_defect": cert.eigen_defect,
                       "delta": cert.delta, "timings": cert.timings, "sizes": cert.sizes, "solver": cert.solver,
-                      "solver_info": cert.solver_info}
+                      "solver_info": cert.solver_info, "notes": list(cert.notes)}
     except Exception as exc:  # recorded, not hidden: the table shows the error
         record = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     record["time_s"] = time.perf_counter() - start

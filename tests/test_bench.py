@@ -27,7 +27,7 @@ def test_run_isolated_records_bound_time_and_memory():
     spec = NetSpec("tiny", "random", dims=(5, 4, 3), seed=0)
     rec = run_isolated(spec, "lipsdp-neuron", "native", timeout=300)
     assert rec["status"] == "optimal" and rec["certified"]
-    assert rec["time_s"] > 0 and rec["peak_rss_mb"] > 0
+    assert rec["time_s"] > 0 and rec["peak_rss_mb"] > 0 and rec["notes"] == []  # notes say which retry certified
     net = spec.build()
     assert rec["upper_bound"] <= np.prod([np.linalg.norm(w, 2) for w in net.weights]) * (1 + 1e-9)
     plain = run_isolated(spec, "lipsdp-neuron", "native", timeout=300, reduce_input=False)
