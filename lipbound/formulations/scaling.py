@@ -349,6 +349,14 @@ class _Graph:
         return float(best) if np.isfinite(best) else None
 
     # -- a feasible point of a chain (the levels of LipSDP's multipliers)
+    def is_narrow_chain(self) -> bool:
+        """A chain of slope-restricted stages whose widths' cubes sum to at most :data:`_CHAIN_FLOPS` (where
+        :meth:`chain_levels` applies)."""
+        m = self.m
+        chain = all(set(self.incoming[k]) == {k - 1} for k in range(1, m + 1)) and set(self.output) == {m}
+        return (m > 0 and chain and all(isinstance(layer, SlopeRestricted) for layer in self.layers)
+                and sum(float(n) ** 3 for n in self.sizes[1:]) <= _CHAIN_FLOPS)
+
     def chain_levels(self, t: list[np.ndarray]) -> tuple[np.ndarray, float] | None:
         """Block levels and the output level (log2) of the sequential feasible point of LipSDP-Neuron on a chain
         of slope-restricted stages (ECLipsE-Fast's closed form, Xu and Sivaranjani 2024), computed in the
@@ -368,10 +376,7 @@ class _Graph:
         (2^-55.5 there) gives the other side (:func:`choose_exponents`).
         """
         m = self.m
-        chain = all(set(self.incoming[k]) == {k - 1} for k in range(1, m + 1)) and set(self.output) == {m}
-        if m == 0 or not chain or not all(isinstance(layer, SlopeRestricted) for layer in self.layers):
-            return None
-        if sum(float(n) ** 3 for n in self.sizes[1:]) > _CHAIN_FLOPS:
+        if not self.is_narrow_chain():
             return None
         s_mat, s_log = None, 0.0  # S_{k-1} = 2^s_log * s_mat (None: the identity of block 0)
         levels = np.empty(m)
@@ -539,7 +544,7 @@ def choose_exponents(model: SignalModel, slope_mode: str, slope_exp: list[np.nda
     worst = graph.worst_direction_gain() if cancellation else None
     groups = [_groups(layer) for layer in graph.layers]
     chain = None
-    if cancellation:
+    if cancellation and graph.is_narrow_chain():  # the balancing below is not repeated for other models
         plain = graph.balance([np.full(graph.sizes[k], gains[k]) for k in range(1, graph.m + 1)], out_np, groups)
         chain = graph.chain_levels(plain)
     if chain is None:
