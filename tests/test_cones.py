@@ -186,3 +186,22 @@ def test_schur_assembly_matches_its_definition(case, layout_of):
         a, b = (m.numpy()[np.ix_(real, real)] for m in mats)
         ref = np.array([[np.trace(fi @ a @ fj @ b) for fj in fs] for fi in fs])
         np.testing.assert_allclose(h.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("batch", [1, 3, 12])
+def test_pencil_min_matches_the_eigenvalues_of_the_reduced_matrix(batch):
+    # LAPACK's pencil reduction (up to _PENCIL_LAPACK_BATCH matrices on the CPU) and torch's batched solves (more)
+    # give the smallest eigenvalue of L^-1 D L^-T over the batch.
+    from lipbound.solvers.cones import _PENCIL_LAPACK_BATCH, _pencil_min
+
+    rng = np.random.default_rng(batch)
+    n = 9
+    a = rng.standard_normal((batch, n, n))
+    x = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(n)
+    d = rng.standard_normal((batch, n, n))
+    d = d + d.transpose(0, 2, 1)
+    chol = np.linalg.cholesky(x)
+    ref = min(np.linalg.eigvalsh(np.linalg.solve(c, np.linalg.solve(c, m).T)).min() for c, m in zip(chol, d))
+    got = _pencil_min(torch.as_tensor(chol), torch.as_tensor(d))
+    assert got == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    assert (batch <= _PENCIL_LAPACK_BATCH) == (batch < 12)

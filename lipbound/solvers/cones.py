@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
+import scipy.linalg.lapack
 import torch
 
 from lipbound.solvers.lowrank import LowRankLMI
@@ -39,6 +41,31 @@ from lipbound.solvers.lowrank import LowRankLMI
 # Cliques (and whole small cones) up to this size get exact step lengths from a batched dense eigenvalue solve
 # (measured crossover with the Lanczos estimate on 2 CPU cores: about 250).
 _EXACT_STEP_SIZE = 256
+# Step lengths of at most this many cliques go through LAPACK one clique at a time on the CPU (see _pencil_min).
+_PENCIL_LAPACK_BATCH = 8
+
+
+def _pencil_min(chol: torch.Tensor, d: torch.Tensor) -> float:
+    """Smallest eigenvalue over ``c`` of ``L_c^-1 D_c L_c^-T`` (``chol``, ``d``: ``(k, n, n)``, ``D_c`` symmetric).
+
+    On the CPU, LAPACK's reduction of the symmetric-definite pencil (``dsygst``: ``n^3`` flops, where two
+    triangular solves take ``2 n^3``) and its selected-eigenvalue driver (``dsyevx``, the smallest eigenvalue
+    only) for each of up to ``_PENCIL_LAPACK_BATCH`` matrices: 0.75 ms instead of 1.1 ms at ``n = 150`` and 2.1
+    instead of 3.1 ms at ``n = 250`` on 2 cores, four times per iteration. Larger batches (many small cliques) and
+    other devices run torch's batched solves and eigenvalues.
+    """
+    if chol.device.type == "cpu" and chol.shape[0] <= _PENCIL_LAPACK_BATCH:
+        lam = math.inf
+        for lc, dc in zip(chol.numpy(), d.numpy(), strict=True):
+            red, info = scipy.linalg.lapack.dsygst(dc, lc, itype=1, lower=1)
+            if info != 0:
+                raise ArithmeticError(f"LAPACK dsygst failed (info {info}) in a step length")
+            lam = min(lam, float(scipy.linalg.eigh(red, lower=True, eigvals_only=True, subset_by_index=[0, 0],
+                                                   driver="evx", check_finite=False)[0]))
+        return lam
+    t = torch.linalg.solve_triangular(chol, d, upper=False)
+    t = torch.linalg.solve_triangular(chol, t.transpose(1, 2), upper=False)
+    return float(torch.linalg.eigvalsh((t + t.transpose(1, 2)) * 0.5).min())
 
 
 def symmetrised(a: torch.Tensor) -> torch.Tensor:
@@ -358,9 +385,7 @@ class SemidefiniteCone:
         chol = f.cliques
         dk = self._cliques(dx)
         if chol.shape[-1] <= _EXACT_STEP_SIZE:
-            t = torch.linalg.solve_triangular(chol, dk, upper=False)
-            t = torch.linalg.solve_triangular(chol, t.transpose(1, 2), upper=False)
-            lam = float(torch.linalg.eigvalsh((t + t.transpose(1, 2)) * 0.5).min())
+            lam = _pencil_min(chol, dk)
         else:
             if self.dev.type == "cuda" and f.inverse_cliques is None:
                 # One batched solve with the identity (about (2b)^3 flops per clique, at the GPU's rate) replaces the
@@ -374,11 +399,7 @@ class SemidefiniteCone:
         """Largest ``alpha`` with ``Z + alpha dZ >= 0``: exact for small cones, else block Krylov on the pencil
         ``(dZ, Z)`` with ``Z^-1`` (the caller verifies by factorising)."""
         if self.n_pad <= _EXACT_STEP_SIZE:
-            chol = self._dense_factor(f)
-            d = self.to_dense(dz)
-            t = torch.linalg.solve_triangular(chol, d, upper=False)
-            t = torch.linalg.solve_triangular(chol, t.T, upper=False)
-            lam = float(torch.linalg.eigvalsh((t + t.T) * 0.5)[0])
+            lam = _pencil_min(self._dense_factor(f).unsqueeze(0), self.to_dense(dz).unsqueeze(0))
         else:
             lam = self._block_krylov_min(self._full(z), dz, self.inverse(f))
         return math.inf if lam >= 0 else -1.0 / lam
