@@ -322,8 +322,17 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         timings["check_s"] += time.perf_counter() - tick
         return checked
 
-    problem, result, (report, y, raw) = attempt(build(None))
+    problem = build(None)
+    closed = _closed_form(network, method, norm, solver_name, problem, check, timings) if domain is None else None
+    if closed is not None:
+        solver_name = "closed-form"
+        result, (report, y, raw) = closed
+    else:
+        problem, result, (report, y, raw) = attempt(problem)
     notes = list(problem.notes)
+    if closed is not None:
+        notes.append(f"multipliers in closed form (nonnegative weights, slopes in [0, beta]): LipSDP's optimum is "
+                     f"||T|| = {result.info['all_active_norm']:.10g} for the all-active map T; no SDP solve")
     value = problem.solve_program.value(result.y)
     if _converged_out_of_reach(result, report, value):
         # Earlier iterates of the run keep more of their margin (one decade of the gap more each) and are checked
@@ -413,6 +422,45 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         deltas=[float(d) for d in report.deltas],
         multipliers=[float(v) for v in y], exponents=list(problem.exponents), network=network.summary(),
         timings=timings, options=options, notes=notes, solver_info=_jsonable(result.info))
+
+
+#: The closed-form multipliers stand when their certificate is within this relative distance of ``||T||`` (a lower
+#: bound on LipSDP's optimum): then they are the optimum to that accuracy, and no solver could do better.
+_CLOSED_FORM_GAP = 1e-7
+
+
+def _closed_form(network, method: str, norm: str, solver_name: str, problem, check, timings: dict):
+    """LipSDP-Neuron (l2) of a network with nonnegative weights and slopes in ``[0, beta]``: the optimal
+    multipliers in closed form (:mod:`lipbound.formulations.monotone`), checked; ``(SolveResult, check)`` when
+    they certify within ``_CLOSED_FORM_GAP`` of their lower bound, else ``None`` (the solver runs). Only for the
+    default solvers (``auto``, ``native``): a named solver or layout is run as asked."""
+    if method != "lipsdp-neuron" or norm != "l2" or solver_name not in ("auto", "native"):
+        return None
+    from lipbound.formulations.lipsdp import _signal
+    from lipbound.formulations.monotone import stationary_multipliers
+    from lipbound.solvers.base import SolveResult
+
+    tick = time.perf_counter()
+    try:
+        found = stationary_multipliers(problem, _signal(network))
+    except (LipboundError, ArithmeticError, ValueError) as exc:
+        log.info("%s: no closed-form multipliers (%s)", method, exc)
+        return None
+    finally:
+        timings["solve_s"] += time.perf_counter() - tick
+    if found is None:
+        return None
+    y, lower = found
+    checked = check(problem, y)
+    report = checked[0]
+    if not (report.certified and math.isfinite(lower) and report.bound <= lower * (1 + _CLOSED_FORM_GAP)):
+        log.info("%s: the closed-form multipliers certified %s against ||T|| = %.10g; solving instead", method,
+                 f"{report.bound:.10g}" if report.certified else "nothing", lower)
+        return None
+    log.info("%s: closed-form multipliers (nonnegative network) certified %.10g, ||T|| = %.10g", method,
+             report.bound, lower)
+    info = {"all_active_norm": lower, "relative_gap": report.bound / lower - 1 if lower > 0 else math.inf}
+    return SolveResult(checked[1], "optimal", "closed-form", time.perf_counter() - tick, info), checked
 
 
 #: Scalings whose levels differ by this many powers of two (somewhere) count as far apart (see certify's retries).

@@ -384,8 +384,9 @@ def test_tampered_certificates_never_raise_and_never_validate_a_false_bound(case
 def test_stopped_solve_is_retried_in_the_other_native_layout(caplog):
     # A deep chain gets the chordal layout on CPU; a run stopped by max_iter is retried in the dense layout at the
     # same scaling; a forced layout (native-chordal) is never switched. Nonnegative weights cancel nothing, so the
-    # norm-product levels are the searched ones and no rescaled retry runs (it would solve the same program).
-    net = lipbound.from_weights([np.full((20, 4), 0.3)] + [np.full((20, 20), 0.06)] * 29 + [np.full((1, 20), 0.2)],
+    # norm-product levels are the searched ones and no rescaled retry runs (it would solve the same program). The
+    # negative output weight keeps the closed form of nonnegative networks (no solve at all) out of the way.
+    net = lipbound.from_weights([np.full((20, 4), 0.3)] + [np.full((20, 20), 0.06)] * 29 + [np.full((1, 20), -0.2)],
                                 "relu")
     with caplog.at_level(logging.INFO, logger="lipbound"):
         cert = lipbound.certify(net, method="lipsdp-neuron", solver="native", max_iter=2)
