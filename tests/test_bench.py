@@ -28,6 +28,8 @@ def test_run_isolated_records_bound_time_and_memory():
     rec = run_isolated(spec, "lipsdp-neuron", "native", timeout=300)
     assert rec["status"] == "optimal" and rec["certified"]
     assert rec["time_s"] > 0 and rec["peak_rss_mb"] > 0 and rec["notes"] == []  # notes say which retry certified
+    # The same method and solver ran once on a tiny net before the clock started.
+    assert rec["warm_up_s"] > 0 and rec["warm_up_error"] is None
     net = spec.build()
     assert rec["upper_bound"] <= np.prod([np.linalg.norm(w, 2) for w in net.weights]) * (1 + 1e-9)
     plain = run_isolated(spec, "lipsdp-neuron", "native", timeout=300, reduce_input=False)
@@ -110,3 +112,8 @@ def test_measure_threads_writes_kernels_crossover_and_policy_runs(tmp_path, monk
     threads = [r["threads"] for r in saved["solves"]]
     assert "policy" in threads and 1 in threads
     assert all(r["certified"] for r in saved["solves"]) and len(records) == len(saved["kernels"]) + len(threads)
+
+
+def test_warm_up_failure_is_recorded_not_raised():
+    warm = bench._warm_up("lipsdp-neuron", "no-such-solver", {})
+    assert warm["warm_up_s"] >= 0 and "no-such-solver" in warm["warm_up_error"]
