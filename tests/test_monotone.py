@@ -8,16 +8,17 @@ import torch
 
 import lipbound
 from lipbound import Box
+from lipbound.activations import ActivationSpec
 from lipbound.formulations.lipsdp import _signal
 from lipbound.formulations.monotone import applies
-from lipbound.activations import ActivationSpec
 from lipbound.network import Affine, ImplicitLayer, Network, SlopeRestricted
 from tests.conftest import exact_norm_at_most, exact_product
 
 
 def nonnegative_net(dims, activation="relu", seed=0, scale=1.0, dead_row=False):
     rng = np.random.default_rng(seed)
-    weights = [np.abs(rng.standard_normal((m, n))) / np.sqrt(n) * scale for n, m in zip(dims[:-1], dims[1:])]
+    weights = [np.abs(rng.standard_normal((m, n))) / np.sqrt(n) * scale
+               for n, m in zip(dims[:-1], dims[1:], strict=True)]
     if dead_row:
         weights[0][1] = 0.0
     biases = [rng.standard_normal(w.shape[0]) for w in weights]

@@ -64,7 +64,7 @@ def _all_active(model: SignalModel, x: np.ndarray) -> tuple[list[np.ndarray], np
     """Block signals ``[x, v_1, ..., v_m]`` and output of the all-active linear map at inputs ``x`` (columns)."""
     x1 = model.input_map @ x
     blocks = [x]
-    for k, stage in enumerate(model.stages, start=1):
+    for stage in model.stages:
         z = sum(lin.dense(model.coefficient_dim(b)) @ (x1 if b == 0 else blocks[b]) for b, lin in stage.pre.items())
         beta = np.broadcast_to(np.asarray(stage.layer.beta, dtype=float), (stage.width,))
         blocks.append(beta[:, None] * z)
