@@ -11,7 +11,7 @@ from lipbound import Box
 from lipbound.activations import ActivationSpec
 from lipbound.formulations.lipsdp import _signal
 from lipbound.formulations.monotone import applies
-from lipbound.network import Affine, ImplicitLayer, Network, SlopeRestricted
+from lipbound.network import Affine, ImplicitLayer, Network, ResidualBlock, SlopeRestricted
 from tests.conftest import exact_norm_at_most, exact_product
 
 
@@ -87,6 +87,30 @@ def test_dead_neuron_still_agrees_with_the_solver():
     ref = lipbound.certify(net, solver="clarabel")
     assert cert.certified
     assert abs(cert.upper_bound - ref.upper_bound) <= 1e-6 * ref.upper_bound
+
+
+def test_nonnegative_residual_network():
+    # x -> x + G relu(W x): every map nonnegative, so the all-active map bounds every Jacobian here too.
+    rng = np.random.default_rng(7)
+    relu = SlopeRestricted(ActivationSpec("relu"), 4)
+    net = Network.from_layers([Affine(np.abs(rng.standard_normal((4, 3)))),
+                               ResidualBlock(Affine(np.abs(rng.standard_normal((4, 4))) / 2), relu,
+                                             Affine(np.abs(rng.standard_normal((4, 4))) / 2)),
+                               Affine(np.abs(rng.standard_normal((2, 4))))])
+    cert = lipbound.certify(net)
+    ref = lipbound.certify(net, solver="clarabel")
+    assert cert.certified and cert.solver == "closed-form"
+    assert abs(cert.upper_bound - ref.upper_bound) <= 1e-6 * ref.upper_bound
+    assert lipbound.verify_certificate(cert, net).valid
+
+
+def test_wide_stages_are_left_to_the_solver(monkeypatch):
+    import lipbound.formulations.monotone as monotone
+
+    net, _ = nonnegative_net((3, 6, 6, 2), seed=6)
+    monkeypatch.setattr(monotone, "_MAX_FACTOR_WORK", 400.0)
+    assert "too wide" in applies(_signal(net))
+    assert lipbound.certify(net).solver != "closed-form"
 
 
 def test_closed_form_only_where_it_applies():

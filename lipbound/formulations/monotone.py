@@ -32,8 +32,11 @@ from lipbound.network import SlopeRestricted
 log = logging.getLogger("lipbound")
 
 #: The closed form is tried for signal models with at most this many input dimensions times neurons (the
-#: all-active map is formed column by column from the identity).
+#: all-active map is formed column by column from the identity) ...
 _MAX_WORK = 1 << 28
+#: ... and at most this sum of cubed stage widths (the sparse factorisation of the normal equations is block
+#: banded with one block per stage: 4-20x100-1 has 8e5; a 784-2048x4-10 net, 3.4e10, is left to the solver).
+_MAX_FACTOR_WORK = 1e10
 
 
 def _nonnegative_lin(lin) -> bool:
@@ -57,6 +60,9 @@ def applies(model: SignalModel) -> str | None:
     work = model.input_dim * (model.input_map.shape[0] + sum(s.width for s in model.stages))
     if work > _MAX_WORK:
         return f"the all-active map would take {work} products to form"
+    cubes = sum(float(s.width) ** 3 for s in model.stages)
+    if cubes > _MAX_FACTOR_WORK:
+        return f"the stages are too wide for the sparse solve (sum of cubed widths {cubes:.3g})"
     return None
 
 
