@@ -316,6 +316,8 @@ class Certificate:
     solver_bound : float or None
         What the solver's own answer claims (``scale * sqrt(rho)``), unchecked.
     method, solver, norm : str
+        ``solver`` is ``"closed-form"`` for ``mp`` and for LipSDP-Neuron multipliers computed in closed form
+        (nonnegative networks, :mod:`lipbound.formulations.monotone`; no SDP solve).
     status : str
         Solver status (``"optimal"``, ``"optimal_inaccurate"``, ...; ``"closed_form"`` for ``mp``).
     reason : str
