@@ -436,6 +436,9 @@ def _closed_form(network, method: str, norm: str, solver_name: str, problem, che
     default solvers (``auto``, ``native``): a named solver or layout is run as asked."""
     if method != "lipsdp-neuron" or norm != "l2" or solver_name not in ("auto", "native"):
         return None
+    weights = getattr(network, "weights", None)
+    if weights is not None and any(np.any(np.asarray(w) < 0) for w in weights):
+        return None  # signed: not even the signal model is needed (0.17 s for a 784-2048x4-10 net)
     from lipbound.formulations.lipsdp import _signal
     from lipbound.formulations.monotone import stationary_multipliers
     from lipbound.solvers.base import SolveResult
