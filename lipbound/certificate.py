@@ -191,8 +191,11 @@ def optimal_rho(program: Program, y: np.ndarray, device: str | None = None,
 #: ``2^-28`` to ``2^-29``). The first try, ``2^-30``, moves the bound by at most 4.7e-10 relative: searched down
 #: from ``2^-44`` one exponent at a time, the smallest enlargement proved was ``2^-31`` to ``2^-33`` on
 #: 784-n-n-10 (n = 50, 100, 200) and GLipSDP-shaped stacks (16x8, 32x4, 64x4), where the earlier first tries
-#: ``2^-40`` and ``2^-34`` failed and cost two factorisations of the whole LMI each time.
-_RHO_BUMP_EXPONENTS = (30, 24, 18, 12, 6)
+#: ``2^-40`` and ``2^-34`` failed and cost two factorisations of the whole LMI each time. When ``2^-30`` fails, the
+#: coarsest enlargement ``2^-5`` is tried next and the bisection starts from the pair: a point that no enlargement
+#: proves (an interior-point answer too close to the boundary in directions decoupled from rho, as on glipsdp-16x64,
+#: where the answer and two earlier iterates each failed every try) costs two factorisations instead of five.
+_RHO_BUMP_EXPONENTS = (30, 5)
 _RHO_BUMP_FINE = 26
 
 

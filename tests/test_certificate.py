@@ -1,6 +1,7 @@
 """Certificates: JSON round trip, re-verification from scratch, tampering, infeasible multipliers."""
 
 import dataclasses
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -153,6 +154,35 @@ def test_rho_is_enlarged_rather_than_repaired():
     cert = lipbound.certify(net, method="lipsdp-neuron", solver="clarabel")
     assert cert.certified and all(d == 0.0 for d in cert.deltas)
     assert cert.upper_bound <= cert.solver_bound * (1 + 1e-7)
+
+
+@pytest.mark.parametrize("needed", [30, 12, 5, None])
+def test_enlarged_rho_tries_the_finest_then_the_coarsest_then_bisects(monkeypatch, needed):
+    # A stand-in check proves rho (1 + 2^-k) exactly for k <= needed: the search returns the smallest such
+    # enlargement within a factor 2 (down to 2^-26), with one try when 2^-30 works and two when nothing does.
+    import lipbound.certificate as certificate
+
+    problem = lipsdp(random_net([4, 5, 5, 2], seed=3))
+    program = problem.program
+    y = np.ones(program.n_vars)
+    rho = 2.0
+    tried = []
+
+    def fake(program_, y2, device=None, **kwargs):
+        k = -math.log2(Fraction(float(y2[program.rho_index])) / Fraction(rho) - 1)
+        tried.append(float(k))
+        ok = needed is not None and k <= needed + 1e-9
+        return certificate.CheckReport(ok, 1.0 if ok else None, 0.0, (0.0,) if ok else (), (), ())
+
+    monkeypatch.setattr(certificate, "check_program", fake)
+    found = certificate._enlarged_rho(program, y, rho, None)
+    if needed is None:
+        assert found is None and len(tried) == 2
+        return
+    k = -math.log2(Fraction(float(found[1][program.rho_index])) / Fraction(rho) - 1)
+    assert k == pytest.approx(needed if needed < 26 else 30, abs=1e-6)
+    expected = {30: [30], 12: [30, 5, 17, 11, 14, 12, 13], 5: [30, 5, 17, 11, 8, 6]}[needed]
+    assert tried == pytest.approx(expected)
 
 
 def test_check_program_on_torch_matrices_matches_numpy():
