@@ -325,7 +325,7 @@ def test_float32_schur_products_reach_the_float64_optimum(strategy):
         NativeSolver().solve(program, schur_precision="float16")
 
 
-def test_an_optimum_below_the_datas_rounding_level_is_not_reported_optimal():
+def test_an_optimum_below_the_datas_rounding_level_is_not_reported_optimal(caplog):
     """30 layers of 0.5 x orthogonal 3 x 3 weights: LipSDP's optimum is 2^-60 against data of order 1 when the
     formulation does not rescale the blocks. A slack re-assembled in float64 looks feasible at any such point, so
     the solver must not claim optimality; the scaled program of the same net is solved to the same value."""
@@ -334,7 +334,10 @@ def test_an_optimum_below_the_datas_rounding_level_is_not_reported_optimal():
     scaled = lipsdp(net).solve_program
     unscaled = lipsdp(net, exponents=(0,) * 31).solve_program
     good = NativeSolver().solve(scaled)
-    bad = NativeSolver().solve(unscaled, max_iter=60)
+    with caplog.at_level(logging.INFO, logger="lipbound"):
+        bad = NativeSolver().solve(unscaled, max_iter=60)
+    # Without the sign constraints the LMI implies, this run stalls at gap 1.5; the solver runs it again with them.
+    assert "solving again with them" in caplog.text
     assert good.status == "optimal" and good.info["rounding_floor"] <= 1e-9
     assert bad.status != "optimal" and bad.info["rounding_floor"] > 1e-9
     assert unscaled.value(bad.y) == pytest.approx(scaled.value(good.y), rel=1e-8)
@@ -391,7 +394,7 @@ def test_large_intermediates_are_freed_when_no_longer_needed(monkeypatch, strate
     monkeypatch.setattr(cones.SemidefiniteCone, "completion", track("completion", completion))
     monkeypatch.setattr(cones.SemidefiniteCone, "factor_dual", factor_dual_checked)
     result = NativeSolver(strategy).solve(program, max_iter=6)
-    assert result.info["iterations"] == 6 or result.status == "optimal"
+    assert result.status in ("max_iter", "optimal")  # the run went on to its iteration limit (or converged)
     # The first factorisation is the starting point's (after the identity Gram matrix of the set-up); every later one
     # follows a step. On the dense layout the completion is X itself.
     assert len(checked) > 3

@@ -106,3 +106,29 @@ def test_rounding_bound_holds_against_exact_arithmetic(seed, magnitude):
             assert abs(Fraction(float(computed[i, j])) - exact[i][j]) <= Fraction(float(ent[i, j])), (i, j)
             if np.isfinite(two_step[i, j]):
                 assert abs(Fraction(float(two_step[i, j])) - exact[i][j]) <= Fraction(float(ent[i, j])), (i, j)
+
+
+def test_implied_sign_constraints():
+    import lipbound
+    from lipbound.formulations import lipsdp
+    from lipbound.program import Program
+
+    rng = np.random.default_rng(0)
+    relu = lipbound.from_weights([rng.standard_normal(shape) for shape in ((5, 4), (5, 5), (2, 5))])
+    for program in (lipsdp(relu).program, lipsdp(relu).solve_program):
+        # Every neuron's diagonal entry is -2 lambda_i plus a nonnegative constant; rho's is -rho.
+        assert program.implied_nonnegative().all() and program.nonneg.all()
+    leaky = lipbound.from_weights([rng.standard_normal((5, 4)), rng.standard_normal((2, 5))], "leaky_relu")
+    program = lipsdp(leaky).solve_program
+    implied = program.implied_nonnegative()
+    # The input block's diagonal holds -rho and -2 alpha beta (W^T Lambda W)_ii: rho is not alone there.
+    assert not implied[program.rho_index] and implied.sum() == program.n_vars - 1
+
+    def one_entry(coef, const):
+        term = Term(0, 0, None, None, sp.csr_matrix(np.atleast_2d(coef)), const=np.array([const]))
+        return Program((LMI((1,), (term,)),), 2, np.ones(2), np.array([True, True]), (1.0,))
+
+    assert one_entry([-1.0, 0.0], 0.5).implied_nonnegative().tolist() == [True, False]
+    assert one_entry([-1.0, 0.0], -0.5).implied_nonnegative().tolist() == [False, False]  # y_0 >= -0.5 only
+    assert one_entry([-1.0, -1.0], 0.0).implied_nonnegative().tolist() == [False, False]  # two multipliers
+    assert one_entry([1.0, 0.0], 0.0).implied_nonnegative().tolist() == [False, False]  # an upper bound
