@@ -254,8 +254,11 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         ``certified`` is ``True`` only if the rigorous check passed; ``upper_bound`` is then sound. A solve that
         stops more than 1e-4 short of optimal is retried once with norm-product scaling levels (the better
         certificate stands), and a non-optimal SDP bound above the product bound is replaced by the product
-        bound (``options["product_fallback"]``, re-checked by :func:`verify_certificate`); ``notes`` say when
-        either happened.
+        bound (``options["product_fallback"]``, re-checked by :func:`verify_certificate`); a converged native
+        answer certified more than 1e-6 above its value is replaced by a tighter earlier iterate of the run when
+        one certifies (more than 1e-4: re-solved with tightened LMIs); for a network with nonnegative weights and
+        slopes in ``[0, beta]`` (l2, global, ``solver`` auto or native) the multipliers come in closed form and
+        ``solver`` is ``"closed-form"``. ``notes`` say when any of this happened.
 
     Raises
     ------
