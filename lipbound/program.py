@@ -415,7 +415,7 @@ def known_weights(weights: Sequence[float]) -> tuple[float, ...]:
     return tuple(weights)
 
 
-def _placed(block: sp.csr_matrix, row0: int, rows: int) -> sp.csr_matrix:
+def placed_rows(block: sp.spmatrix, row0: int, rows: int) -> sp.csr_matrix:
     """``block`` as rows ``row0 ...`` of a matrix with ``rows`` rows (zeros elsewhere)."""
     return sp.vstack([sp.csr_matrix((row0, block.shape[1])), block,
                       sp.csr_matrix((rows - row0 - block.shape[0], block.shape[1]))]).tocsr()
@@ -498,25 +498,20 @@ class Program:
                     diag = sp.csr_matrix(left * right)
                 dp, dn = diag.maximum(0), (-diag).maximum(0)
                 cp, cn = t.coef.maximum(0), (-t.coef).maximum(0)
-                rows = slice(off[t.row], off[t.row + 1])
-                pos_t = (dp @ cp + dn @ cn).tocsr()
-                neg_t = (dp @ cn + dn @ cp).tocsr()
-                pos = pos + _placed(pos_t, off[t.row], lmi.size)
-                neg = neg + _placed(neg_t, off[t.row], lmi.size)
+                pos = pos + placed_rows(dp @ cp + dn @ cn, off[t.row], lmi.size)
+                neg = neg + placed_rows(dp @ cn + dn @ cp, off[t.row], lmi.size)
                 if t.const is not None:
-                    cpos, cneg = np.maximum(t.const, 0), np.maximum(-t.const, 0)
-                    const_neg[rows] += dp @ cneg + dn @ cpos
-            touched = (pos + neg).tocsr()
-            touched.eliminate_zeros()
-            neg = neg.tocsr()
-            neg.eliminate_zeros()
-            pos = pos.tocsr()
+                    const_neg[off[t.row]:off[t.row + 1]] += dp @ np.maximum(-t.const, 0) + dn @ np.maximum(t.const, 0)
+            pos, neg = pos.tocsr(), neg.tocsr()
             pos.eliminate_zeros()
-            single = np.flatnonzero((np.diff(touched.indptr) == 1) & (const_neg == 0))
-            for p in single:
-                j = touched.indices[touched.indptr[p]]
-                if neg[p, j] > 0 and pos[p, j] == 0:
-                    implied[j] = True
+            neg.eliminate_zeros()
+            touched = (pos + neg).tocsr()
+            rows = np.flatnonzero((np.diff(touched.indptr) == 1) & (const_neg == 0))
+            if not rows.size:
+                continue
+            cols = touched.indices[touched.indptr[rows]]
+            alone = (np.asarray(neg[rows, cols]).reshape(-1) > 0) & (np.asarray(pos[rows, cols]).reshape(-1) == 0)
+            implied[cols[alone]] = True
         return implied & self.nonneg
 
     def tightened(self, margins: Sequence[float]) -> Program:

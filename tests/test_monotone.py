@@ -136,3 +136,10 @@ def test_applies_names_why_not():
     assert why is not None and "implicit" in why
     ok, _ = nonnegative_net((3, 4, 2), seed=1)
     assert applies(_signal(ok)) is None
+
+
+def test_overflowing_norm_is_reported_not_warned(recwarn):
+    net = lipbound.from_weights([np.full((3, 2), 1e300), np.full((1, 3), 1e300)])
+    cert = lipbound.certify(net)
+    assert not cert.certified and "overflows the float64 range" in cert.reason
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -28,6 +28,7 @@ import scipy.sparse.linalg as spla
 from lipbound.formulations.sdp import LipschitzProblem, scaled_signal_model
 from lipbound.formulations.signal import SignalModel
 from lipbound.network import SlopeRestricted
+from lipbound.program import placed_rows
 
 log = logging.getLogger("lipbound")
 
@@ -85,10 +86,8 @@ def _stationarity_system(lmi, v: np.ndarray, n_vars: int) -> tuple[sp.csr_matrix
 
     def add(block: int, factor, weights: np.ndarray, term) -> None:
         # rows of ``block`` receive factor diag(weights) d, with d = coef y + const
-        n = off[block + 1] - off[block]
         a = sp.diags(weights) if factor is None else sp.csr_matrix(factor * weights[None, :])
-        placed = sp.vstack([sp.csr_matrix((off[block], a.shape[1])), a,
-                            sp.csr_matrix((lmi.size - off[block] - n, a.shape[1]))])
+        placed = placed_rows(a, off[block], lmi.size)
         rows.append(placed @ term.coef)
         if term.const is not None:
             rhs[:] -= placed @ term.const
@@ -120,9 +119,8 @@ def stationary_multipliers(problem: LipschitzProblem, model: SignalModel) -> tup
     if why is not None:
         log.debug("closed-form multipliers: not applicable (%s)", why)
         return None
+    # Power-of-two scaling and positive factors keep every map nonnegative: applies(scaled) holds too.
     scaled, e_out, _ = scaled_signal_model(model, "neuron", problem.exponents)
-    if applies(scaled) is not None:
-        return None
     lmi = program.lmis[0]
     if tuple(lmi.block_sizes) != tuple(scaled.block_sizes):
         return None
@@ -152,4 +150,5 @@ def stationary_multipliers(problem: LipschitzProblem, model: SignalModel) -> tup
             return None
     if not np.all(np.isfinite(y)):
         return None
-    return y, float(np.ldexp(s[0], e_out))
+    with np.errstate(over="ignore"):  # ||T|| beyond the float range: inf, and certify solves instead
+        return y, float(np.ldexp(s[0], e_out))
