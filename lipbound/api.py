@@ -15,6 +15,7 @@ from torch import nn
 
 from lipbound.certificate import Certificate, certify_multipliers, check_program
 from lipbound.errors import FormulationError, LipboundError, OptionError, SolverError
+from lipbound.formulations.circulant import circulant_exponents
 from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound, product_estimate
 from lipbound.importers import from_torch, load
 from lipbound.network import Network
@@ -196,6 +197,10 @@ def _check_options(method: str, norm: str, solver: str, output_index, coupled, d
         raise OptionError(f"domain must be a lipbound.Box or lipbound.Ball, got {type(domain).__name__}.")
     name = check_solver(solver)
     check_solver_options(name, solver_options)
+    if name == "circulant" and (method != "lipsdp-channel" or norm != "l2" or domain is not None):
+        raise OptionError(f"solver='circulant' solves the global l2 per-channel program of a convolutional chain "
+                          f"(method='lipsdp-channel', norm='l2', no domain); got method={method!r}, norm={norm!r}"
+                          f"{', a domain' if domain is not None else ''}.")
     return name
 
 
@@ -218,9 +223,11 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         layers are handled inside the SDP.
     norm : {"l2", "linf"}
         ``linf`` bounds ``|f_i(x) - f_i(x')| <= L ||x - x'||_inf`` for the scalar output ``output_index``.
-    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native", "native-dense", "native-chordal"}
+    solver : {"auto", "clarabel", "scs", "mosek", "sdpa", "native", "native-dense", "native-chordal", "circulant"}
         ``auto`` picks by LMI size and logs the choice. ``native`` chooses the dense or chordal layout of each LMI
-        from a cost model; ``native-dense`` / ``native-chordal`` force one.
+        from a cost model; ``native-dense`` / ``native-chordal`` force one. ``circulant``: ``lipsdp-channel`` (l2,
+        global) of a convolutional chain through its torus restriction (:mod:`lipbound.formulations.circulant`;
+        feasible for the network's program, at or above its optimum), checked on the network's program.
     input_shape : int or tuple, optional
         For ``nn.Module`` inputs.
     activation : str
@@ -319,17 +326,27 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
 
     def check(problem, multipliers):
         tick = time.perf_counter()
-        device = solver_options.get("device") if solver_name.startswith("native") else None
+        device = solver_options.get("device") if solver_name.startswith("native") or solver_name == "circulant" \
+            else None
         checked = certify_multipliers(problem.program, multipliers, polish=polish, device=device,
                                       solve_program=problem.solve_program)
         timings["check_s"] += time.perf_counter() - tick
         return checked
 
-    problem = build(None)
+    circulant = solver_name == "circulant"
+    if circulant:
+        # One integer exponent per block (the torus embedding needs uniform scaling).
+        tick = time.perf_counter()
+        exponents = circulant_exponents(network)
+        timings["formulate_s"] += time.perf_counter() - tick
+    problem = build(exponents if circulant else None)
     closed = _closed_form(network, method, norm, solver_name, problem, check, timings) if domain is None else None
     if closed is not None:
         solver_name = "closed-form"
         result, (report, y, raw) = closed
+    elif circulant:
+        result = _circulant(network, problem, solver_options, timings)
+        report, y, raw = check(problem, result.y)
     else:
         problem, result, (report, y, raw) = attempt(problem)
     notes = list(problem.notes)
@@ -353,7 +370,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
                     break
         if report is not first:
             notes.append(_boundary_note(value, first, "an earlier iterate of the same run"))
-    if _converged_out_of_reach(result, report, value):
+    if not circulant and _converged_out_of_reach(result, report, value):
         # An interior-point answer is singular up to rounding in the directions the optimum leaves tight; when those
         # are decoupled from rho (deep chains: glipsdp-16x64 had eigenvalues of -6e-12 in its last blocks against a
         # rounding radius of 5e-10), no enlargement of rho proves the point and the repair costs orders of magnitude
@@ -376,7 +393,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     # when they differ by _FAR_LEVELS powers of two or more: then the scaling is the likelier culprit (glipsdp-32x32,
     # levels 28 apart: the other layout stalled too, 20.7 s on 2 cores, before the rescaled solve reached the optimum).
     retries = []
-    if _stopped_short(result, report, problem.solve_program.value(result.y)):
+    if not circulant and _stopped_short(result, report, problem.solve_program.value(result.y)):
         other = _other_layout(solver_name, solver_options, problem.solve_program, result)
         try:
             rescaled = build("norm")
@@ -472,6 +489,25 @@ def _closed_form(network, method: str, norm: str, solver_name: str, problem, che
              report.bound, lower)
     info = {"all_active_norm": lower, "relative_gap": report.bound / lower - 1 if lower > 0 else math.inf}
     return SolveResult(checked[1], "optimal", "closed-form", time.perf_counter() - tick, info), checked
+
+
+def _circulant(network, problem, solver_options: dict, timings: dict):
+    """The torus restriction of ``problem`` (:mod:`lipbound.formulations.circulant`) solved by the barrier method
+    (:mod:`lipbound.solvers.circulant`): a feasible point of ``problem`` whenever the barrier method returns."""
+    from lipbound.formulations.circulant import circulant_chain
+    from lipbound.solvers.circulant import solve_circulant
+
+    tick = time.perf_counter()
+    chain = circulant_chain(network, problem)
+    timings["formulate_s"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    result = solve_circulant(chain, **solver_options)
+    timings["solve_s"] += time.perf_counter() - tick
+    log.info("lipsdp-channel: circulant returned '%s' after %.2f s (%d Newton steps, %d frequencies of %d rows); "
+             "rigorous check on the network's program (LMI sizes %s)", result.status, result.time_s,
+             result.info["iterations"], result.info["frequencies"], result.info["block_size"],
+             [lmi.size for lmi in problem.program.lmis])
+    return result
 
 
 #: Scalings whose levels differ by this many powers of two (somewhere) count as far apart (see certify's retries).

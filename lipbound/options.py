@@ -69,7 +69,7 @@ def check_solver(name: Any) -> str:
         raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)} or 'auto'.")
     key = name.lower()
     # The native solver needs only torch; listing the others imports cvxpy, which native runs never need.
-    if key not in ("auto", "native") and key not in available_solvers():
+    if key not in ("auto", "native", "circulant") and key not in available_solvers():
         raise SolverError(f"solver {key!r} is not installed here (available: {', '.join(available_solvers())}); "
                           "see the README's Solvers section for how to install it.")
     return key
@@ -139,6 +139,9 @@ def _accepted(solver: str) -> dict[str, Callable[[str, Any], Any]] | None:
         names = [p.name for p in params] + list(getattr(native, "_OPTIONS", ()))
         checks = _native_checks()
         return {n: checks.get(n, lambda _n, v: v) for n in names}
+    if solver == "circulant":
+        checks = _native_checks()
+        return {n: checks[n] for n in ("tol", "max_iter", "device")}
     if solver == "clarabel":
         import clarabel
 

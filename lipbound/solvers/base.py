@@ -35,6 +35,10 @@ def get_solver(name: str):
         from lipbound.solvers.native import NativeSolver
 
         return NativeSolver(None if key == "native" else key.split("-", 1)[1])
+    if key == "circulant":
+        raise SolverError("solver 'circulant' solves the torus restriction of a convolutional network's per-channel "
+                          "program from the network itself, not a Program: use lipbound.certify(model, "
+                          "method='lipsdp-channel', solver='circulant').")
     if key in CvxpySolver.NAMES:
         return CvxpySolver(key)
     raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)} or 'auto'.")
@@ -43,7 +47,8 @@ def get_solver(name: str):
 #: The native solver's names: ``native`` picks the dense or chordal layout per LMI from a cost model; the others
 #: force one (for benchmarks).
 NATIVE = ("native", "native-dense", "native-chordal")
-SOLVERS = ("clarabel", "scs", "mosek", "sdpa") + NATIVE
+#: ``circulant`` (:mod:`lipbound.solvers.circulant`) takes convolutional chains through ``certify`` only.
+SOLVERS = ("clarabel", "scs", "mosek", "sdpa") + NATIVE + ("circulant",)
 
 
 def available_solvers() -> list[str]:
@@ -53,7 +58,7 @@ def available_solvers() -> list[str]:
     installed = set(cp.installed_solvers())
     names = {"clarabel": "CLARABEL", "scs": "SCS", "mosek": "MOSEK", "sdpa": "SDPA"}
     # The native solver needs only torch, a hard dependency: it is always available.
-    return [k for k, v in names.items() if v in installed] + list(NATIVE)
+    return [k for k, v in names.items() if v in installed] + list(NATIVE) + ["circulant"]
 
 
 # Measured here (2 cores, LipSDP-Neuron on 784-n-n-10): the native solver reaches a 1e-9 relative gap in

@@ -42,6 +42,7 @@ from lipbound.soundness.families import (
     SLOPE_ACTIVATIONS,
     Case,
     Family,
+    Run,
     _activation,
     _gaussian,
     _log_uniform,
@@ -627,6 +628,53 @@ def _onnx(rng: np.random.Generator) -> Case:
                  params, reference=judge)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# circulant: convolutional chains certified through their torus embedding (solver="circulant")
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Geometries that keep the image size: (kernel, padding, dilation).
+_SAME_GEOMETRIES = ((3, 1, 1), (5, 2, 1), (3, 2, 2), (1, 0, 1))
+#: Activations of the circulant family: slopes with alpha beta <= 0 (GELU and SiLU dip below 0), and LeakyReLU,
+#: which the solver must refuse by name (alpha beta > 0).
+_CIRCULANT_KINDS = ("relu", "relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "silu", "leaky_relu")
+
+
+def _circulant(rng: np.random.Generator) -> Case:
+    """A chain of 1-3 stride-1 convolutions that keep the image size (1-D or 2-D, groups sometimes), one activation
+    kind, a linear head; weights scaled by powers of two per layer (up to 2^+-30) in a third of the draws. Runs:
+    mp and lipsdp-channel with solver="circulant" (global, l2)."""
+    dims = 2 if rng.random() < 0.7 else 1
+    image = tuple(int(v) for v in rng.integers(3, 7 if dims == 2 else 10, size=dims))
+    kind = str(rng.choice(_CIRCULANT_KINDS))
+    depth = int(rng.integers(1, 4))
+    channels = [int(rng.integers(1, 3))] + [int(rng.integers(1, 4)) for _ in range(depth)]
+    extreme = rng.random() < 1 / 3
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    layers, geometry = [], []
+    for k in range(depth):
+        kernel, pad, dil = _SAME_GEOMETRIES[int(rng.integers(0, len(_SAME_GEOMETRIES)))]
+        groups = 2 if channels[k] % 2 == 0 and channels[k + 1] % 2 == 0 and rng.random() < 0.3 else 1
+        layer = conv(channels[k], channels[k + 1], kernel, padding=pad, dilation=dil, groups=groups).double()
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor(rng.standard_normal(tuple(layer.weight.shape))) / math.sqrt(
+                kernel ** dims * channels[k] / groups))
+            layer.bias.copy_(torch.tensor(rng.standard_normal(channels[k + 1])))
+            if extreme:
+                layer.weight.mul_(2.0 ** int(rng.integers(-30, 31)))
+        act, _ = _torch_activation(rng, kind, channels[k + 1])
+        layers += [layer, act]
+        geometry.append([kernel, pad, dil, groups])
+    size = channels[-1] * math.prod(image)
+    head = nn.Linear(size, int(rng.integers(1, 4))).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(rng.standard_normal(tuple(head.weight.shape))) / math.sqrt(size))
+    net = _import_torch(nn.Sequential(*layers, nn.Flatten(), head), (channels[0],) + image)
+    params = {"image": list(image), "channels": channels, "geometry": geometry, "kind": kind, "extreme": extreme,
+              "judge": "reference", "dims": list(net.dims)}
+    runs = (Run("mp", "auto"), Run("lipsdp-channel", "circulant"))
+    return Case(net, runs, f"{dims}d/{kind}{'/extreme' if extreme else ''}", params=params)
+
+
 GRAPH_FAMILIES: tuple[Family, ...] = (
     Family("graph-skip", "random DAGs: skip sums with random coefficients, concatenations, slices, dense/sparse and "
                          "inexact maps; every activation family; l2/l-inf, global/local", _graph_skip),
@@ -634,4 +682,6 @@ GRAPH_FAMILIES: tuple[Family, ...] = (
                   "avg/adaptive/max pooling, skips, gains; l2/l-inf, global/local", _cnn),
     Family("onnx", "small CNNs and pooling MLPs exported to ONNX (opset 17, float64), judged by onnxruntime where it "
                    "has float64 kernels", _onnx),
+    Family("circulant", "stride-1 convolutional chains that keep the image size (1-D/2-D, dilation, groups, powers of "
+                        "two up to 2^+-30), certified by solver='circulant' (LeakyReLU must be refused)", _circulant),
 )
