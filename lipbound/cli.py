@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--method", default="lipsdp-neuron", choices=list(METHODS) + ["all"],
                    help="all: every method that applies (the others are listed with the reason)")
-    p.add_argument("--solver", default="auto", help="auto, native, clarabel, scs, mosek, sdpa")
+    p.add_argument("--solver", default="auto", help="auto, native, native-dense, native-chordal, clarabel, scs, mosek, "
+                   "sdpa, circulant (lipsdp-channel of convolutional chains, see the README)")
     p.add_argument("--norm", default="l2", choices=list(NORMS))
     p.add_argument("--output-index", type=int, default=None, help="output row bounded by --norm linf")
     p.add_argument("--activation", default="relu",

@@ -105,6 +105,9 @@ def test_certify_circulant_is_sound_and_close_to_the_channel_optimum():
     optimum = program.value(found.y)
     assert cert.upper_bound >= optimum * (1 - 1e-7)
     assert cert.upper_bound <= 1.02 * optimum
+    # A saved circulant certificate is re-checked from the network, its block exponents and multipliers alone.
+    verdict = lipbound.verify_certificate(cert.to_json(), net)
+    assert verdict.valid, verdict.reason
     x = torch.randn(400, 1, 6, 6, dtype=torch.float64)
     dx = 1e-3 * torch.randn_like(x)
     with torch.no_grad():
