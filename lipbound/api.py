@@ -492,8 +492,8 @@ def _closed_form(network, method: str, norm: str, solver_name: str, problem, che
 
 
 def _circulant(network, problem, solver_options: dict, timings: dict):
-    """The torus restriction of ``problem`` (:mod:`lipbound.formulations.circulant`) solved by the barrier method
-    (:mod:`lipbound.solvers.circulant`): a feasible point of ``problem`` whenever the barrier method returns."""
+    """The torus restriction of ``problem`` (:mod:`lipbound.formulations.circulant`) solved by its interior-point
+    method (:mod:`lipbound.solvers.circulant`); the multipliers are checked on ``problem`` by the caller."""
     from lipbound.formulations.circulant import circulant_chain
     from lipbound.solvers.circulant import solve_circulant
 
@@ -503,7 +503,7 @@ def _circulant(network, problem, solver_options: dict, timings: dict):
     tick = time.perf_counter()
     result = solve_circulant(chain, **solver_options)
     timings["solve_s"] += time.perf_counter() - tick
-    log.info("lipsdp-channel: circulant returned '%s' after %.2f s (%d Newton steps, %d frequencies of %d rows); "
+    log.info("lipsdp-channel: circulant returned '%s' after %.2f s (%d iterations, %d frequencies of %d rows); "
              "rigorous check on the network's program (LMI sizes %s)", result.status, result.time_s,
              result.info["iterations"], result.info["frequencies"], result.info["block_size"],
              [lmi.size for lmi in problem.program.lmis])
