@@ -147,3 +147,28 @@ def test_refusals_name_what_does_not_fit():
                          domain=lipbound.Box(np.zeros(16), np.ones(16)))
     with pytest.raises(SolverError, match="certify"):
         get_solver("circulant")
+
+
+@pytest.mark.parametrize("case", ["zero head", "zero conv", "tiny", "huge", "overflow", "subnormal"])
+def test_extreme_and_degenerate_weights(case):
+    """No crash at any magnitude: zero maps certify 0 (the product bound), powers of two scale the bound exactly up
+    to the solver's tolerance, an overflowing bound is reported as such."""
+    net, model = _cnn(2, 2, (4, 4), seed=5)
+    plain = lipbound.certify(net, method="lipsdp-channel", solver="circulant")
+    with torch.no_grad():
+        if case == "zero head":
+            model[-1].weight.zero_()
+        elif case == "zero conv":
+            model[2].weight.zero_()
+        else:
+            factor = {"tiny": 2.0 ** -500, "huge": 2.0 ** 500, "overflow": 1e300, "subnormal": 5e-324}[case]
+            model[0].weight.mul_(factor)
+            model[2].weight.mul_(factor)
+    cert = lipbound.certify(model, method="lipsdp-channel", solver="circulant", input_shape=(1, 4, 4))
+    if case == "overflow":
+        assert not cert.certified and "overflows" in cert.reason
+    elif case in ("tiny", "huge"):
+        scale = 2.0 ** (-1000 if case == "tiny" else 1000)
+        assert cert.certified and cert.upper_bound == pytest.approx(plain.upper_bound * scale, rel=1e-5)
+    else:
+        assert cert.certified and cert.upper_bound == 0.0
