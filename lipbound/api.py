@@ -15,7 +15,7 @@ from torch import nn
 
 from lipbound.certificate import Certificate, certify_multipliers, check_program
 from lipbound.errors import FormulationError, LipboundError, OptionError, SolverError
-from lipbound.formulations.circulant import circulant_exponents
+from lipbound.formulations.circulant import channel_signal, circulant_exponents
 from lipbound.formulations.lipsdp import lipsdp, lipsdp_nsr, lipsdp_rr, product_bound, product_estimate
 from lipbound.importers import from_torch, load
 from lipbound.network import Network
@@ -337,7 +337,8 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
     if circulant:
         # One integer exponent per block (the torus embedding needs uniform scaling).
         tick = time.perf_counter()
-        exponents = circulant_exponents(network)
+        signal = channel_signal(network)
+        exponents = circulant_exponents(signal)
         timings["formulate_s"] += time.perf_counter() - tick
     problem = build(exponents if circulant else None)
     closed = _closed_form(network, method, norm, solver_name, problem, check, timings) if domain is None else None
@@ -345,7 +346,7 @@ def certify(model, method: str = "lipsdp-neuron", norm: str = "l2", solver: str 
         solver_name = "closed-form"
         result, (report, y, raw) = closed
     elif circulant:
-        result = _circulant(network, problem, solver_options, timings)
+        result = _circulant(network, problem, signal, solver_options, timings)
         report, y, raw = check(problem, result.y)
     else:
         problem, result, (report, y, raw) = attempt(problem)
@@ -491,14 +492,14 @@ def _closed_form(network, method: str, norm: str, solver_name: str, problem, che
     return SolveResult(checked[1], "optimal", "closed-form", time.perf_counter() - tick, info), checked
 
 
-def _circulant(network, problem, solver_options: dict, timings: dict):
+def _circulant(network, problem, signal, solver_options: dict, timings: dict):
     """The torus restriction of ``problem`` (:mod:`lipbound.formulations.circulant`) solved by its interior-point
     method (:mod:`lipbound.solvers.circulant`); the multipliers are checked on ``problem`` by the caller."""
     from lipbound.formulations.circulant import circulant_chain
     from lipbound.solvers.circulant import solve_circulant
 
     tick = time.perf_counter()
-    chain = circulant_chain(network, problem)
+    chain = circulant_chain(network, problem, signal)
     timings["formulate_s"] += time.perf_counter() - tick
     tick = time.perf_counter()
     result = solve_circulant(chain, **solver_options)

@@ -84,15 +84,22 @@ def block_exponents(exponents) -> tuple:
     return tuple(out)
 
 
-def circulant_exponents(network) -> tuple:
-    """Scaling exponents for the circulant program: the data-chosen levels of
-    :func:`~lipbound.formulations.scaling.choose_exponents` (norm products corrected by the worst direction found,
-    so that a deep net's tiny optimum is brought to O(1)), one integer per block (:func:`block_exponents`)."""
+def channel_signal(network):
+    """The per-channel signal model of a convolutional chain (checked to be one: a :class:`FormulationError` names
+    what does not fit), shared by :func:`circulant_exponents` and :func:`circulant_chain`."""
     from lipbound.formulations.lipsdp import _signal
-    from lipbound.formulations.scaling import choose_exponents, slope_exponents
 
     _chain_nodes(network)
-    model = _signal(network, channels=True)
+    return _signal(network, channels=True)
+
+
+def circulant_exponents(model) -> tuple:
+    """Scaling exponents for the circulant program of the signal model ``model`` (:func:`channel_signal`): the
+    data-chosen levels of :func:`~lipbound.formulations.scaling.choose_exponents` (norm products corrected by the
+    worst direction found, so that a deep net's tiny optimum is brought to O(1)), one integer per block
+    (:func:`block_exponents`)."""
+    from lipbound.formulations.scaling import choose_exponents, slope_exponents
+
     slope_exp = [slope_exponents(stage.layer, "channel") for stage in model.stages]
     return block_exponents(choose_exponents(model, "channel", slope_exp))
 
@@ -177,16 +184,15 @@ def _power_of_two(scaled: np.ndarray, exact: np.ndarray, what: str) -> int:
     return p
 
 
-def circulant_chain(network, problem: LipschitzProblem) -> CirculantChain:
+def circulant_chain(network, problem: LipschitzProblem, model=None) -> CirculantChain:
     """The torus data of ``network`` in the units of ``problem`` (a ``lipsdp-channel`` l2 program built with one
-    integer scaling exponent per block, see :func:`block_exponents`); raises :class:`FormulationError` naming what
-    does not fit."""
-    from lipbound.formulations.lipsdp import _signal
-
+    integer scaling exponent per block, see :func:`block_exponents`); ``model``: its :func:`channel_signal`, when
+    already built. Raises :class:`FormulationError` naming what does not fit."""
     convs, acts, head = _chain_nodes(network)
     if problem.norm != "l2" or problem.program.name != "lipsdp-channel":
         raise FormulationError("solver='circulant' solves the l2 per-channel program (method='lipsdp-channel').")
-    model, _, _ = scaled_signal_model(_signal(network, channels=True), "channel", problem.exponents)
+    model, _, _ = scaled_signal_model(channel_signal(network) if model is None else model, "channel",
+                                      problem.exponents)
     if len(model.stages) != len(convs):
         raise FormulationError(f"solver='circulant': {len(convs)} convolutions but {len(model.stages)} nonlinear "
                                "stages (an exactly linear activation was folded away).")

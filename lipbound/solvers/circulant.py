@@ -36,6 +36,7 @@ import torch
 from lipbound.errors import SolverError
 from lipbound.formulations.circulant import CirculantChain
 from lipbound.solvers.base import SolveResult
+from lipbound.solvers.cones import lp_step
 
 log = logging.getLogger("lipbound")
 
@@ -277,11 +278,6 @@ def _max_step(lo: torch.Tensor, d: torch.Tensor) -> float:
     return math.inf if low >= 0 else -1.0 / low
 
 
-def _lp_step(v: torch.Tensor, dv: torch.Tensor) -> float:
-    neg = dv < 0
-    return math.inf if not bool(neg.any()) else float(torch.min(-v[neg] / dv[neg]))
-
-
 def solve_circulant(chain: CirculantChain, tol: float = 1e-6, max_iter: int = 100,
                     device: str | torch.device | None = None) -> SolveResult:
     """Minimise ``rho`` over the torus program of ``chain`` (see the module docstring).
@@ -437,8 +433,8 @@ class _Run:
 
         def steps(d):
             _, _, dxf, dzf, dxc, dzc, dx_lp, ds = d
-            ap = min(_max_step(lxf, dxf), _max_step(lxc[None], dxc[None]), _lp_step(x_lp, dx_lp))
-            ad = min(_max_step(lzf, dzf), _max_step(lzc[None], dzc[None]), _lp_step(s_lp, ds))
+            ap = min(_max_step(lxf, dxf), _max_step(lxc[None], dxc[None]), lp_step(x_lp, dx_lp))
+            ad = min(_max_step(lzf, dzf), _max_step(lzc[None], dzc[None]), lp_step(s_lp, ds))
             return min(1.0, ap), min(1.0, ad)
 
         pred = direction(-xf, -xc, -x_lp)

@@ -68,6 +68,13 @@ def _pencil_min(chol: torch.Tensor, d: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh((t + t.transpose(1, 2)) * 0.5).min())
 
 
+def lp_step(v: torch.Tensor, dv: torch.Tensor) -> float:
+    """The largest ``a`` with ``v + a dv >= 0`` for ``v > 0`` (``inf`` when no entry decreases): the step to the
+    boundary of the nonnegative orthant (the sign constraints' cone of every interior-point method here)."""
+    neg = dv < 0
+    return math.inf if not bool(neg.any()) else float(torch.min(-v[neg] / dv[neg]))
+
+
 def symmetrised(a: torch.Tensor) -> torch.Tensor:
     """``(A + A^T) / 2`` of a square matrix with one temporary (the dense layout's N x N matrices are GBs each)."""
     out = a + a.T

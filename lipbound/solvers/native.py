@@ -89,7 +89,7 @@ import torch
 from lipbound.errors import SolverError
 from lipbound.program import LMI, Program
 from lipbound.solvers.base import SolveResult
-from lipbound.solvers.cones import DualFactor, PrimalFactor, SemidefiniteCone, symmetrised
+from lipbound.solvers.cones import DualFactor, PrimalFactor, SemidefiniteCone, lp_step, symmetrised
 from lipbound.solvers.lowrank import Layout, LowRankLMI, chordal_layout, dense_layout
 from lipbound.solvers.threads import ThreadPolicy
 
@@ -350,13 +350,6 @@ class _Run:
         if not lr.n_pairs:
             return 0.0
         return -2.0 * float(lr.const @ lr.pair_values(x))
-
-    @staticmethod
-    def _lp_step(v: torch.Tensor, dv: torch.Tensor) -> float:
-        neg = dv < 0
-        if not bool(neg.any()):
-            return math.inf
-        return float(torch.min(-v[neg] / dv[neg]))
 
     def _schur_factor(self, xhat: list[torch.Tensor], zinv: list[torch.Tensor], x_lp: torch.Tensor,
                       s_lp: torch.Tensor) -> tuple[torch.Tensor, object, torch.Tensor]:
@@ -724,9 +717,9 @@ class _Run:
 
         def steps(dx, dz, dx_lp, ds):
             ap = min([cone.max_step_primal(f, d) for cone, f, d in zip(cones, xfs, dx, strict=True)]
-                     + [self._lp_step(x_lp, dx_lp)])
+                     + [lp_step(x_lp, dx_lp)])
             ad = min([cone.max_step_dual(z, f, d) for cone, z, f, d in zip(cones, zs, zfs, dz, strict=True)]
-                     + [self._lp_step(s_lp, ds)])
+                     + [lp_step(s_lp, ds)])
             return ap, ad
 
         # Predictor (affine scaling): target X Z = 0.
