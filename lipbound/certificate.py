@@ -27,15 +27,35 @@ from fractions import Fraction
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+import torch
 
-from lipbound.program import Program, known_weights
+from lipbound.program import LMI, BlockTridiagonal, Program, is_block_tridiagonal, known_weights
 from lipbound.rigorous import (
     dense_top_eigenvalue,
-    largest_eigenvalue,
+    eigenvalue_defect,
     negative_semidefinite_defect,
     round_up,
     sqrt_up,
 )
+
+#: LMIs of a chain with at least this many rows (and three or more blocks) are assembled and checked block by block
+#: (:class:`~lipbound.program.BlockTridiagonal`): ``sum_k b_k^3`` work and ``sum_k b_k^2`` memory instead of ``N^3``
+#: and ``N^2``. Below it the dense matrix is small and one LAPACK call beats a loop over blocks.
+BANDED_MIN_ROWS = 1024
+
+
+def banded(lmi: LMI) -> bool:
+    """Whether the certificate checks ``lmi`` block by block (block tridiagonal, three or more blocks, at least
+    :data:`BANDED_MIN_ROWS` rows)."""
+    return len(lmi.block_sizes) >= 3 and lmi.size >= BANDED_MIN_ROWS and is_block_tridiagonal(lmi.pattern)
+
+
+def assemble_for_check(lmi: LMI, y: np.ndarray, device: str | None = None):
+    """``M(y)`` as the check holds it: a :class:`~lipbound.program.BlockTridiagonal` matrix (on ``device``) when
+    :func:`banded`, else the dense numpy matrix."""
+    if banded(lmi):
+        return lmi.assemble_banded(y, device=device)
+    return lmi.assemble(y)
 
 
 @dataclass(frozen=True)
@@ -96,7 +116,7 @@ def check_program(program: Program, y: np.ndarray, device: str | None = None,
 
     deltas: list[float] = []
     for t, lmi in enumerate(program.lmis):
-        m = lmi.assemble(y) if assemble is None else assemble(t, y)
+        m = assemble_for_check(lmi, y, device) if assemble is None else assemble(t, y)
         bound = lmi.rounding_bound(y)
         hint = None if not delta_hints or t >= len(delta_hints) else float(delta_hints[t])
         strict = strict_rho and t == program.rho_lmi
@@ -146,15 +166,16 @@ def optimal_rho(program: Program, y: np.ndarray, device: str | None = None,
     lmi = program.lmis[program.rho_lmi]
     y0 = np.array(y, dtype=np.float64, copy=True)
     y0[program.rho_index] = 0.0
-    m = lmi.assemble(y0) if assemble is None else assemble(program.rho_lmi, y0)
+    m = assemble_for_check(lmi, y0, device) if assemble is None else assemble(program.rho_lmi, y0)
     off = lmi.offsets
     b = program.rho_block
+    if isinstance(m, BlockTridiagonal):
+        top = _banded_rho_complement(m, b)
+        return None if top is None else max(top / program.rho_weight, 0.0)
     inside = np.zeros(lmi.size, dtype=bool)
     inside[off[b]:off[b + 1]] = True
     on_gpu = device is not None and str(device).startswith("cuda")
     if on_gpu or not isinstance(m, np.ndarray):
-        import torch
-
         mt = torch.as_tensor(m, device=device if on_gpu else m.device)
         ins = torch.as_tensor(inside, device=mt.device)
         x = mt[ins][:, ins].cpu().numpy()
@@ -182,6 +203,36 @@ def optimal_rho(program: Program, y: np.ndarray, device: str | None = None,
     if not math.isfinite(top):  # a nearly singular Z (the Schur complement overflowed): no estimate
         return None
     return max(top / program.rho_weight, 0.0)
+
+
+def _banded_rho_complement(m: BlockTridiagonal, b: int) -> float | None:
+    """``lambda_max(X - Y^T Z^-1 Y)`` for block ``b`` (``X``) of a block-tridiagonal ``m`` and the rest ``Z``
+    (floating point; ``None`` unless ``Z`` is negative definite). ``Z`` splits into the chains before and after
+    ``b``; each meets ``b`` through one block, so only the block of ``(-Z)^-1`` next to ``b`` is needed: the Schur
+    complements ``T_k = P_kk - P_(j,k)^T T_j^-1 P_(j,k)`` of ``P = -Z``, eliminated from the far end towards ``b``
+    (``j`` the block eliminated before ``k``)."""
+
+    def coupling(j: int, k: int) -> torch.Tensor:
+        """Block ``(j, k)`` of ``m`` for neighbours ``j`` and ``k``."""
+        return m.lower[k] if j == k + 1 else m.lower[j].mT
+
+    s = m.diag[b].clone()
+    for chain in (range(len(m.diag) - 1, b, -1), range(0, b)):
+        factor, prev = None, None
+        for k in chain:
+            t = -m.diag[k]
+            if factor is not None:
+                v = torch.linalg.solve_triangular(factor, coupling(prev, k), upper=False)
+                t = t - v.mT @ v
+            factor, info = torch.linalg.cholesky_ex(t)
+            if int(info) != 0:
+                return None
+            prev = k
+        if factor is not None:
+            v = torch.linalg.solve_triangular(factor, coupling(prev, b), upper=False)
+            s = s + v.mT @ v
+    top = dense_top_eigenvalue(((s + s.mT) / 2).cpu().numpy())
+    return top if math.isfinite(top) else None
 
 
 #: Relative enlargements ``2^-k`` of the re-optimised ``rho`` tried before repairing with ``delta`` (then refined
@@ -214,20 +265,25 @@ class _RhoAssembly:
         uses_rho = [sp.csc_matrix(t.coef)[:, [program.rho_index]].count_nonzero() > 0 for t in lmi.terms]
         self.with_rho = tuple(t for t, u in zip(lmi.terms, uses_rho, strict=True) if u)
         others = tuple(t for t, u in zip(lmi.terms, uses_rho, strict=True) if not u)
-        self.partial = lmi.assemble(y, terms=others)
-        if device is not None and str(device).startswith("cuda"):
-            import torch
-
-            self.partial = torch.as_tensor(self.partial, device=device)
+        self.device = device
+        self.banded = banded(lmi)
+        if self.banded:
+            self.partial = lmi.assemble_banded(y, terms=others, device=device)
+        else:
+            self.partial = lmi.assemble(y, terms=others)
+            if device is not None and str(device).startswith("cuda"):
+                self.partial = torch.as_tensor(self.partial, device=device)
 
     def __call__(self, t: int, y2: np.ndarray):
         program = self.program
         if t != program.rho_lmi:
-            return program.lmis[t].assemble(y2)
+            return assemble_for_check(program.lmis[t], y2, self.device)
         rest = np.delete(np.arange(program.n_vars), program.rho_index)
         if not np.array_equal(y2[rest], self.y[rest]):
             raise ValueError("_RhoAssembly: the multipliers differ from the cached ones in more than rho.")
         into = self.partial.clone() if hasattr(self.partial, "clone") else self.partial.copy()
+        if self.banded:
+            return program.lmis[t].assemble_banded(y2, terms=self.with_rho, into=into)
         return program.lmis[t].assemble(y2, terms=self.with_rho, into=into)
 
 
@@ -283,8 +339,8 @@ def certify_multipliers(program: Program, y: np.ndarray, polish: bool = True, de
     target = solve_program or program
     split = _RhoAssembly(program, y, device) if polish and program.rho_index is not None else None
     shared = split if target is program else None  # no reduced program: its matrices are the checked ones
-    defects = tuple(largest_eigenvalue(lmi.assemble(y) if shared is None or t != program.rho_lmi else shared(t, y),
-                                       device) for t, lmi in enumerate(target.lmis))
+    defects = tuple(eigenvalue_defect(assemble_for_check(lmi, y, device) if shared is None or t != program.rho_lmi
+                                      else shared(t, y), device) for t, lmi in enumerate(target.lmis))
     raw = CheckReport(False, None, float(program.objective @ y), (), defects, known_weights(program.repair_weights),
                       reason="not checked")
     if split is not None:

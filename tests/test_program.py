@@ -1,8 +1,10 @@
 """LMI programs: the assembly's entrywise rounding bound holds against exact rational arithmetic at any magnitude."""
 
+import math
 from fractions import Fraction
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -132,3 +134,65 @@ def test_implied_sign_constraints():
     assert one_entry([-1.0, 0.0], -0.5).implied_nonnegative().tolist() == [False, False]  # y_0 >= -0.5 only
     assert one_entry([-1.0, -1.0], 0.0).implied_nonnegative().tolist() == [False, False]  # two multipliers
     assert one_entry([1.0, 0.0], 0.0).implied_nonnegative().tolist() == [False, False]  # an upper bound
+
+
+# -- block-tridiagonal matrices (the certificate's storage for chain LMIs) -----------------------------------------
+def _random_block_tridiagonal(rng, sizes):
+    from lipbound.program import BlockTridiagonal
+
+    diag = []
+    for s in sizes:
+        b = rng.standard_normal((s, s))
+        diag.append(torch.as_tensor(np.tril(b) + np.tril(b, -1).T))
+    lower = [torch.as_tensor(rng.standard_normal((sizes[k + 1], sizes[k]))) for k in range(len(sizes) - 1)]
+    return BlockTridiagonal(diag, lower)
+
+
+def test_block_tridiagonal_storage_products_and_shape_errors():
+    from lipbound.program import BlockTridiagonal, is_block_tridiagonal
+
+    rng = np.random.default_rng(0)
+    a = _random_block_tridiagonal(rng, [3, 1, 4, 2])
+    dense = a.dense().numpy()
+    assert a.shape == (10, 10) and np.array_equal(dense, dense.T)
+    assert dense[0, 5] == 0.0 and dense[9, 3] == 0.0  # blocks two apart are zero
+    v = rng.standard_normal((10, 3))
+    np.testing.assert_allclose(a.matvec(torch.as_tensor(v)).numpy(), dense @ v, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(a.diagonal(), np.diag(dense))
+    b = a.negated()
+    b.add_to_diagonal(np.arange(10.0))
+    np.testing.assert_array_equal(b.dense().numpy(), -dense + np.diag(np.arange(10.0)))
+    assert a.is_symmetric() and a.all_finite() and is_block_tridiagonal(a.pattern)
+    a.diag[2][0, 1] += 1.0
+    assert not a.is_symmetric()
+    a.lower[0][0, 0] = math.inf
+    assert not a.all_finite()
+    with pytest.raises(ValueError, match="do not chain"):
+        BlockTridiagonal([torch.eye(2), torch.eye(3)], [torch.ones(2, 2)])
+
+
+def test_assemble_banded_is_the_dense_assembly_exactly():
+    """Every entry is the same floating-point sum (same products, same order), so the rounding bound covers it."""
+    import lipbound
+    from lipbound.formulations import lipsdp
+    from tests.conftest import random_net
+
+    rng = np.random.default_rng(1)
+    net = random_net([5, 7, 6, 7, 3], seed=2)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Tanh(),
+                               torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(2 * 4 * 4, 3))
+    cnn = lipbound.from_torch(conv.double(), input_shape=(1, 4, 4))
+    for network, method in ((net, "neuron"), (net, "layer"), (cnn, "channel")):
+        for program in (lipsdp(network, method).program, lipsdp(network, method).solve_program):
+            lmi = program.lmis[0]
+            y = np.abs(rng.standard_normal(program.n_vars))
+            np.testing.assert_array_equal(lmi.assemble_banded(y).dense().numpy(), lmi.assemble(y))
+            half = lmi.terms[::2]
+            partial = lmi.assemble_banded(y, terms=half)
+            rest = tuple(t for t in lmi.terms if t not in half)
+            np.testing.assert_array_equal(lmi.assemble_banded(y, terms=rest, into=partial).dense().numpy(),
+                                          lmi.assemble(y, terms=rest, into=lmi.assemble(y, terms=half)))
+    skip = LMI((2, 2, 2), (Term(0, 2, np.ones((2, 1)), np.ones((2, 1)), sp.csr_matrix(np.ones((1, 1)))),))
+    with pytest.raises(ValueError, match="not block tridiagonal"):
+        skip.assemble_banded(np.ones(1))

@@ -359,3 +359,132 @@ def test_negative_semidefinite_defect_on_a_torch_tensor_matches_numpy(seed):
         # deltas may differ in their last digits.
         assert got == pytest.approx(expected, rel=1e-8, abs=1e-300)
         assert np.linalg.eigvalsh(m)[-1] <= min(got, expected)
+
+
+# -- the block-by-block test (chain LMIs held as BlockTridiagonal matrices) ---------------------------------------
+def _as_banded(a: np.ndarray, sizes):
+    import torch
+
+    from lipbound.program import BlockTridiagonal
+
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    diag = [torch.as_tensor(a[off[k]:off[k + 1], off[k]:off[k + 1]].copy()) for k in range(len(sizes))]
+    lower = [torch.as_tensor(a[off[k + 1]:off[k + 2], off[k]:off[k + 1]].copy()) for k in range(len(sizes) - 1)]
+    return BlockTridiagonal(diag, lower)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=7), st.integers(0, 10_000), st.floats(8.0, 17.0),
+       st.booleans(), st.integers(0, 600), st.sampled_from([0.0, 1e-14, 1e-9]))
+def test_banded_rump_never_claims_an_indefinite_matrix(sizes, seed, digits, below, spread, radius):
+    rng = np.random.default_rng(seed)
+    a, pattern = block_tridiagonal(rng, sizes)
+    n = a.shape[0]
+    a[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] + (1 if below else -1) * 10.0**-digits
+    e = rng.integers(-spread, spread + 1, n)
+    scaled = np.ldexp(a, e[:, None] + e[None, :])
+    scaled = np.tril(scaled) + np.tril(scaled, -1).T
+    if rump_positive_definite(_as_banded(scaled, sizes), radius):
+        assert exact_is_positive_definite(scaled)
+        off = pattern.offsets
+        for _ in range(2):  # the claim covers every matrix within the radius on the pattern: corners of the box
+            p = radius * rng.choice([-1.0, 1.0], size=scaled.shape)
+            p = np.tril(p) + np.tril(p, -1).T
+            for r in range(len(sizes)):
+                for c in range(len(sizes)):
+                    if abs(r - c) > 1:
+                        p[off[r]:off[r + 1], off[c]:off[c + 1]] = 0.0
+            assert exact_is_positive_definite(scaled + p)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_banded_rump_proves_what_the_dense_test_with_the_pattern_proves(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [3, 5, 2, 4, 4, 6, 1]
+    a, pattern = block_tridiagonal(rng, sizes)
+    n = a.shape[0]
+    shifts = [1e-6, 1e-9, 1e-12]
+    for margin in shifts:
+        b = a.copy()
+        b[np.diag_indices(n)] -= np.linalg.eigvalsh(a)[0] - margin * np.abs(a).max()
+        e = rng.integers(-300, 301, n)
+        scaled = np.ldexp(b, e[:, None] + e[None, :])
+        scaled = np.tril(scaled) + np.tril(scaled, -1).T
+        assert rump_positive_definite(_as_banded(scaled, sizes)) == rump_positive_definite(scaled, pattern=pattern)
+    assert rump_positive_definite(_as_banded(scaled, sizes))  # margin 1e-12 of the largest entry: still proved
+    flipped = scaled.copy()
+    flipped[np.diag_indices(n)] *= -1.0
+    assert not rump_positive_definite(_as_banded(flipped, sizes))
+
+
+def test_banded_rump_handles_subnormal_scaling_and_bad_input():
+    scaled, perturbed = _badly_scaled_pair()
+    sizes = [1] * scaled.shape[0]
+    tridiagonal = np.abs(np.subtract.outer(np.arange(len(sizes)), np.arange(len(sizes)))) <= 1
+    if np.all(scaled[~tridiagonal] == 0):
+        assert rump_positive_definite(_as_banded(scaled, sizes)) == rump_positive_definite(scaled)
+    tiny = np.diag([1.0, 1.0, 1.0])
+    tiny[0, 1] = tiny[1, 0] = 2.0**-1060  # pushed into the subnormal range by the equilibration: counted
+    tiny[1, 1] = 2.0**-500
+    assert rump_positive_definite(_as_banded(tiny, [1, 1, 1]))
+    assert rump_positive_definite(_as_banded(tiny, [2, 1]))
+    assert not rump_positive_definite(_as_banded(np.array([[1.0, 2.0], [2.0, 1.0]]), [1, 1]))
+    bad = _as_banded(np.eye(4), [2, 2])
+    bad.diag[0][0, 1] = 0.5  # a diagonal block that is not symmetric
+    assert not rump_positive_definite(bad)
+    bad = _as_banded(np.eye(4), [2, 2])
+    bad.lower[0][1, 0] = math.nan
+    assert not rump_positive_definite(bad)
+    assert not rump_positive_definite(_as_banded(np.diag([1.0, 1e-12, 1.0]), [1, 1, 1]), 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_negative_semidefinite_defect_block_by_block_matches_dense(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [3, 4, 2, 5]
+    a, pattern = block_tridiagonal(rng, sizes)
+    m = -a
+    m[np.diag_indices(m.shape[0])] += np.linalg.eigvalsh(a)[0] + [1e-3, -1e-9, 0.0, 1e-6][seed]
+    m = np.tril(m) + np.tril(m, -1).T
+    for kwargs in ({}, {"zero_only": True}):
+        try:
+            expected = negative_semidefinite_defect(m.copy(), 1e-15, pattern=pattern, **kwargs)
+        except ArithmeticError:
+            with pytest.raises(ArithmeticError):
+                negative_semidefinite_defect(_as_banded(m, sizes), 1e-15, **kwargs)
+            continue
+        got = negative_semidefinite_defect(_as_banded(m, sizes), 1e-15, **kwargs)
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-300)
+        assert np.linalg.eigvalsh(m)[-1] <= got
+
+
+def test_banded_largest_eigenvalue_estimate():
+    from lipbound.rigorous import largest_eigenvalue
+
+    rng = np.random.default_rng(5)
+    sizes = [60] * 8
+    a, _ = block_tridiagonal(rng, sizes)
+    m = -a
+    m[np.diag_indices(m.shape[0])] += np.linalg.eigvalsh(a)[0] + 0.5
+    m = np.tril(m) + np.tril(m, -1).T
+    exact = np.linalg.eigvalsh(m)[-1]
+    estimate = largest_eigenvalue(_as_banded(m, sizes))
+    assert estimate <= exact + 1e-9 and estimate == pytest.approx(exact, rel=1e-3)
+    inf = _as_banded(m, sizes)
+    inf.diag[1][0, 0] = math.inf
+    assert largest_eigenvalue(inf) == math.inf
+
+
+def test_eigenvalue_defect_of_a_block_tridiagonal_matrix_is_a_quick_estimate_from_below():
+    from lipbound.rigorous import eigenvalue_defect
+
+    rng = np.random.default_rng(6)
+    sizes = [60] * 8
+    a, _ = block_tridiagonal(rng, sizes)
+    m = -a
+    m[np.diag_indices(m.shape[0])] += np.linalg.eigvalsh(a)[0] + 0.5
+    m = np.tril(m) + np.tril(m, -1).T
+    exact = np.linalg.eigvalsh(m)[-1]
+    quick = eigenvalue_defect(_as_banded(m, sizes))
+    assert 0.8 * exact <= quick <= exact + 1e-9
+    assert eigenvalue_defect(m) == pytest.approx(exact, rel=1e-6)  # dense: the accurate estimate
