@@ -442,6 +442,36 @@ def test_product_estimate_is_below_the_product_bound(seed):
     assert estimate >= bound * (1 - 1e-6)
 
 
+class _Skip(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(5, 7), torch.nn.Linear(7, 5), torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.c(x + self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("kind", ["cnn", "skip"])
+def test_product_estimate_of_a_graph_is_below_its_product_bound(kind):
+    # Graph networks (convolutions, skips) get an estimate too: a stopped circulant solve of a 14x14 CNN with 32
+    # channels spent 70 s of an H200 run proving 6272-wide norms for a fallback that could not win.
+    from lipbound.formulations.lipsdp import product_bound, product_estimate
+    from lipbound.graph import GraphNetwork
+
+    torch.manual_seed(3)
+    if kind == "cnn":
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(2 * 5 * 5, 3))
+        net = lipbound.from_torch(model, input_shape=(1, 5, 5))
+    else:
+        net = lipbound.from_torch(_Skip(), input_shape=(5,))
+    assert isinstance(net, GraphNetwork)
+    estimate, (bound, _, _) = product_estimate(net), product_bound(net)
+    assert estimate <= bound * (1 + 1e-12)
+    assert estimate >= bound * (1 - 1e-6)
+
+
 def test_stopped_solve_below_the_product_estimate_proves_no_product_bound(caplog, monkeypatch):
     # A solve stopped by max_iter close to the optimum: the product bound's estimate (4.76) is far above the
     # certificate (1.65), so no norm is proved for a fallback that could not win.

@@ -32,7 +32,14 @@ from lipbound.formulations.signal import (
 from lipbound.graph import Concat, Conv, GraphNetwork, LinearMap, Sum
 from lipbound.network import GroupSortLayer, HouseholderLayer, ImplicitLayer, SlopeRestricted
 from lipbound.program import UNIT_ROUNDOFF, gamma
-from lipbound.rigorous import exact_sum, frobenius_bound, round_up, spectral_norm_bound, sqrt_up
+from lipbound.rigorous import (
+    exact_sum,
+    frobenius_bound,
+    round_up,
+    spectral_norm_bound,
+    spectral_norm_estimate,
+    sqrt_up,
+)
 
 _TINY = np.finfo(float).tiny
 # Dense coefficient matrices larger than this many entries are refused (about 3.2 GB each in float64).
@@ -244,13 +251,16 @@ def _sum_up(values: np.ndarray) -> Fraction:
     return exact_sum(values)
 
 
-def _op_norm_l2(op) -> Fraction:
+def _op_norm_l2(op, rigorous: bool = True) -> Fraction:
     """A rigorous upper bound on the spectral norm of a linear node's exact matrix (exact rationals: no overflow
-    or underflow at any magnitude)."""
+    or underflow at any magnitude). ``rigorous=False``: the same quantity estimated in floating point (a Lanczos
+    estimate of the norm, which never exceeds it up to rounding; the same ``sqrt(||A||_1 ||A||_inf)`` for matrices
+    too large to hold densely), with the error matrix left out: at most the rigorous bound up to rounding."""
     a, a_err = _operator(op)
     rows, cols = a.shape
     if rows * cols <= MAX_DENSE_ENTRIES // 8:
-        bound = spectral_norm_bound(a.toarray() if sp.issparse(a) else a)
+        dense = a.toarray() if sp.issparse(a) else a
+        bound = spectral_norm_bound(dense) if rigorous else Fraction(spectral_norm_estimate(dense))
     else:
         # ||A||_2 <= sqrt(||A||_1 ||A||_inf).
         absa = abs(sp.csr_matrix(a))
@@ -258,6 +268,8 @@ def _op_norm_l2(op) -> Fraction:
         col_sums = absa.tocsc()
         col = max((_sum_up(col_sums.getcol(j).data) for j in range(cols)), default=Fraction(0))
         bound = Fraction(sqrt_up(row * col))
+    if not rigorous:
+        return bound
     if a_err is not None:
         e = a_err.data if sp.issparse(a_err) else np.asarray(a_err).ravel()
         bound += frobenius_bound(e)
@@ -276,14 +288,15 @@ def _op_norm_linf(op, rows: np.ndarray | None = None) -> Fraction:
                default=Fraction(0))
 
 
-def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int | None = None) \
-        -> tuple[float, float, tuple]:
+def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int | None = None,
+                        rigorous: bool = True) -> tuple[float, float, tuple]:
     """The matrix-product bound of a graph: each node's Lipschitz bound from its inputs' (linear nodes: operator
     norm times input bound; sums: ``sum |c_i| L_i``; concatenations: ``sqrt(sum L_i^2)`` in l2, ``max L_i`` in
     l-infinity; activations: largest |slope| times input bound; implicit layers: ``s||U|| / (1 - s||W||)``).
 
     Returns ``(certified, estimate, ())`` like :func:`~lipbound.formulations.lipsdp.product_bound` (no
-    rebalancing).
+    rebalancing). ``rigorous=False`` (l2): every operator norm is estimated instead of proved (see
+    :func:`_op_norm_l2`), for :func:`~lipbound.formulations.lipsdp.product_estimate`.
     """
     from lipbound.network import max_slope
 
@@ -300,7 +313,7 @@ def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int
         ins = [bounds[j] for j in node.inputs]
         if isinstance(op, (LinearMap, Conv)):
             if norm == "l2":
-                factor = _op_norm_l2(op)
+                factor = _op_norm_l2(op, rigorous)
             else:
                 rows = np.array([output_index]) if i == graph.output and isinstance(op, LinearMap) else None
                 factor = _op_norm_linf(op, rows)
@@ -316,7 +329,9 @@ def graph_product_bound(graph: GraphNetwork, norm: str = "l2", output_index: int
             bounds[i] = Fraction(max_slope(op)) * ins[0]
         elif isinstance(op, ImplicitLayer):
             s = Fraction(max_slope(op.activation))
-            if norm == "l2":
+            if norm == "l2" and not rigorous:
+                cw, cu = (Fraction(spectral_norm_estimate(w)) for w in (op.weight, op.input_weight))
+            elif norm == "l2":
                 cw, cu = spectral_norm_bound(op.weight), spectral_norm_bound(op.input_weight)
             else:
                 cw = _op_norm_linf(LinearMap(op.weight))

@@ -111,7 +111,8 @@ def lipsdp_rr(network: Network, norm: str = "l2", output_index: int | None = Non
 
 def product_estimate(network: Network, output_index: int | None = None) -> float | None:
     """Floating-point estimate of the l2 :func:`product_bound` (not a bound: every spectral norm is a Lanczos or SVD
-    estimate, the rebalanced product's included), or None for graph networks.
+    estimate, the rebalanced product's included), for chains and graphs alike (``None`` is kept in the signature
+    for callers that treat a missing estimate).
 
     The estimates are Ritz values, which never exceed the norms they estimate (up to rounding), so this is at most
     the certified product bound up to rounding: :func:`lipbound.certify` skips the rigorous product bound (13.5 s of
@@ -124,10 +125,6 @@ def product_estimate(network: Network, output_index: int | None = None) -> float
     >>> abs(product_estimate(net) - 1) < 1e-12
     True
     """
-    from lipbound.graph import GraphNetwork
-
-    if isinstance(network, GraphNetwork):
-        return None
     return product_bound(network, "l2", output_index, rigorous=False)[0]
 
 
@@ -146,8 +143,8 @@ def product_bound(network: Network, norm: str = "l2", output_index: int | None =
 
     Returns ``(certified, estimate, exponents)``: a rigorous bound (spectral norms proved, sums rounded up), the
     plain floating-point product, and the rebalancing used (empty when the plain product is smaller or for
-    l-infinity). ``rigorous=False`` (l2, chains): the same computation with every spectral norm estimated instead of
-    proved (see :func:`product_estimate`).
+    l-infinity). ``rigorous=False`` (l2): the same computation with every spectral norm estimated instead of proved
+    (see :func:`product_estimate`).
 
     Examples
     --------
@@ -162,8 +159,8 @@ def product_bound(network: Network, norm: str = "l2", output_index: int | None =
     if isinstance(network, GraphNetwork):
         from lipbound.formulations.graph import graph_product_bound
 
-        plain, est, _ = graph_product_bound(network, norm, output_index)
-        return _smaller_rebalanced(network, norm, exponents, plain, est)
+        plain, est, _ = graph_product_bound(network, norm, output_index, rigorous)
+        return _smaller_rebalanced(network, norm, exponents, plain, est, rigorous)
 
     def op_norm(w: np.ndarray) -> tuple[Fraction, float]:
         if norm == "l2":

@@ -270,12 +270,42 @@ class _Schur:
         return dy, dyv
 
 
-def _max_step(lo: torch.Tensor, d: torch.Tensor) -> float:
-    """The largest ``a`` with ``L L^* + a d >= 0`` (batched; ``inf`` when every direction is feasible)."""
+#: Relative accuracy of a step length found by bisection (:func:`_max_step`); the iteration takes 0.9-0.99 of it.
+_STEP_RTOL = 1e-3
+
+
+def _max_step(lo: torch.Tensor, d: torch.Tensor, exact: bool | None = None) -> float:
+    """The largest ``a <= 1`` with ``L L^* + a d >= 0`` (batched; the iteration never steps further than 1).
+
+    ``exact`` (the default on the CPU): from the smallest eigenvalue of ``L^-1 d L^-*``. Otherwise (the default on
+    CUDA) by bisection on ``a`` with batched Cholesky factorisations of ``I + a L^-1 d L^-*``: on an H200 one
+    batched eigenvalue solve of 225 blocks of order 267 took 0.69 s and made 95 % of an iteration's time, a
+    factorisation 1.8 ms. The bisection returns a length that factors, within a factor ``1 + _STEP_RTOL`` of the
+    largest one (or after halving 60 times: ``0``)."""
     t = torch.linalg.solve_triangular(lo, d, upper=False)
-    t = torch.linalg.solve_triangular(lo, t.mH, upper=False)
-    low = float(torch.linalg.eigvalsh(_sym(t)).min())
-    return math.inf if low >= 0 else -1.0 / low
+    t = _sym(torch.linalg.solve_triangular(lo, t.mH, upper=False))
+    if exact if exact is not None else t.device.type == "cpu":
+        low = float(torch.linalg.eigvalsh(t).min())
+        return 1.0 if low >= -1.0 else -1.0 / low
+    eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+
+    def factors(a: float) -> bool:
+        return not bool(torch.linalg.cholesky_ex(eye + a * t)[1].any())
+
+    if factors(1.0):
+        return 1.0
+    high, low = 1.0, 0.5
+    while not factors(low):
+        high, low = low, low / 2
+        if low < 2.0**-60:
+            return 0.0
+    while high > low * (1 + _STEP_RTOL):
+        mid = math.sqrt(high * low) if high > 2 * low else 0.5 * (high + low)
+        if factors(mid):
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 def solve_circulant(chain: CirculantChain, tol: float = 1e-6, max_iter: int = 100,
