@@ -683,6 +683,9 @@ def negative_semidefinite_defect(m: np.ndarray, radius: float | EntrywiseBound, 
         raise ArithmeticError("Rump's shift of the LMI matrix is not finite (entries near the overflow threshold).")
     candidates = [0.0] if lam + margin < 0 else []
     candidates += [max(lam, 0.0) + margin * 4.0**i for i in range(tries)]
+    # An estimate from below by more than the margins (Lanczos on a block-tridiagonal matrix that ARPACK did not
+    # converge on): relative enlargements up to twice the estimate.
+    candidates += [max(lam, 0.0) * (1 + 2.0**-j) + margin for j in (12, 6, 3, 1, 0)] if lam > 0 else []
     for delta in candidates:
         delta = round_up(delta)
         if math.isfinite(delta) and proves(delta):
