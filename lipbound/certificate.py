@@ -245,8 +245,11 @@ def _banded_rho_complement(m: BlockTridiagonal, b: int) -> float | None:
 #: ``2^-40`` and ``2^-34`` failed and cost two factorisations of the whole LMI each time. When ``2^-30`` fails, the
 #: coarsest enlargement ``2^-5`` is tried next and the bisection starts from the pair: a point that no enlargement
 #: proves (an interior-point answer too close to the boundary in directions decoupled from rho, as on glipsdp-16x64,
-#: where the answer and two earlier iterates each failed every try) costs two factorisations instead of five.
-_RHO_BUMP_EXPONENTS = (30, 5)
+#: where the answer and two earlier iterates each failed every try) costs three factorisations instead of five.
+#: ``2^-26`` (the fine limit, 1.5e-8 relative) comes between them: the circulant answers of deep CNNs, checked on the
+#: network's program, need about that much (c8-d4: 2^-30 failed, then 2^-5, -17, -23 and -26 were proved, five
+#: factorisations of a 6468-row LMI where two now suffice).
+_RHO_BUMP_EXPONENTS = (30, 26, 5)
 _RHO_BUMP_FINE = 26
 
 

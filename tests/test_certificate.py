@@ -156,10 +156,11 @@ def test_rho_is_enlarged_rather_than_repaired():
     assert cert.upper_bound <= cert.solver_bound * (1 + 1e-7)
 
 
-@pytest.mark.parametrize("needed", [30, 12, 5, None])
+@pytest.mark.parametrize("needed", [30, 28, 12, 5, None])
 def test_enlarged_rho_tries_the_finest_then_the_coarsest_then_bisects(monkeypatch, needed):
     # A stand-in check proves rho (1 + 2^-k) exactly for k <= needed: the search returns the smallest such
-    # enlargement within a factor 2 (down to 2^-26), with one try when 2^-30 works and two when nothing does.
+    # enlargement within a factor 2 (down to 2^-26), with one try when 2^-30 works, two when 2^-26 does and three
+    # when nothing does.
     import lipbound.certificate as certificate
 
     problem = lipsdp(random_net([4, 5, 5, 2], seed=3))
@@ -177,11 +178,11 @@ def test_enlarged_rho_tries_the_finest_then_the_coarsest_then_bisects(monkeypatc
     monkeypatch.setattr(certificate, "check_program", fake)
     found = certificate._enlarged_rho(program, y, rho, None)
     if needed is None:
-        assert found is None and len(tried) == 2
+        assert found is None and len(tried) == 3
         return
     k = -math.log2(Fraction(float(found[1][program.rho_index])) / Fraction(rho) - 1)
-    assert k == pytest.approx(needed if needed < 26 else 30, abs=1e-6)
-    expected = {30: [30], 12: [30, 5, 17, 11, 14, 12, 13], 5: [30, 5, 17, 11, 8, 6]}[needed]
+    assert k == pytest.approx(needed if needed < 26 else 30 if needed >= 30 else 26, abs=1e-6)
+    expected = {30: [30], 28: [30, 26], 12: [30, 26, 5, 15, 10, 12, 13], 5: [30, 26, 5, 15, 10, 7, 6]}[needed]
     assert tried == pytest.approx(expected)
 
 
