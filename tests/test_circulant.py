@@ -9,7 +9,7 @@ from lipbound.errors import FormulationError, OptionError, SolverError
 from lipbound.formulations.circulant import block_exponents, circulant_chain
 from lipbound.formulations.lipsdp import lipsdp
 from lipbound.solvers import get_solver
-from lipbound.solvers.circulant import _Arrow, solve_circulant
+from lipbound.solvers.circulant import _Arrow, conjugate_pairs, solve_circulant
 
 
 def _cnn(channels, depth, image, outputs=3, seed=0, act=torch.nn.ReLU, kernel=3, padding=1, dilation=1, groups=1):
@@ -29,12 +29,18 @@ def _problem(net):
 
 def _torus_matrix(chain, y):
     """``M_T(y)`` in real space (torus positions, blocks and channels in the program's order), from the chain's
-    Fourier data: ``F^* blockdiag(M_w) F + U U^T``."""
+    Fourier data: ``F^* blockdiag(M_w) F + U U^T``; the solver keeps one frequency of each conjugate pair, the
+    other's block is its conjugate."""
     arrow = _Arrow(chain, torch.device("cpu"))
     n, t = arrow.n, chain.torus
-    blocks = arrow.slack_y(torch.tensor(y, dtype=torch.float64))[:, :n, :n].numpy()
+    kept = arrow.slack_y(torch.tensor(y, dtype=torch.float64))[:, :n, :n].numpy()
     size = int(np.prod(t))
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in t], indexing="ij"), -1).reshape(-1, len(t))
+    keep, mult = conjugate_pairs(t)
+    partner = np.ravel_multi_index(tuple(((-grid) % np.array(t)).T), t)
+    where = {int(w): i for i, w in enumerate(keep)}
+    blocks = np.stack([kept[where[w]] if w in where else kept[where[int(partner[w])]].conj() for w in range(size)])
+    assert keep.size == arrow.nf and sum(mult) == size
     phase = np.exp(-2j * np.pi * (grid[:, None, :] * grid[None, :, :] / np.array(t)).sum(-1)) / np.sqrt(size)
     full = np.einsum("wp,wab,wq->apbq", phase.conj(), blocks, phase).reshape(n * size, n * size)
     head = np.einsum("wp,wcr->cpr", phase.conj(), chain.head).reshape(chain.channels[-1] * size, -1)
@@ -74,11 +80,13 @@ def test_torus_quadratic_form_equals_the_programs_on_the_image(kwargs):
         np.testing.assert_allclose(torus[np.ix_(rows, rows)], real, atol=1e-11 * np.abs(real).max())
 
 
-def test_solver_matches_clarabel_on_the_torus_program():
-    """The interior-point method reaches the torus program's optimum (Clarabel on its dense real LMI)."""
+@pytest.mark.parametrize("image", [(3, 3), (4, 3)])
+def test_solver_matches_clarabel_on_the_torus_program(image):
+    """The interior-point method reaches the torus program's optimum (Clarabel on its dense real LMI over every
+    frequency; the solver keeps one per conjugate pair: tori 4x4, with four self-conjugate frequencies, and 5x4)."""
     import cvxpy as cp
 
-    net, _ = _cnn(2, 2, (3, 3), outputs=2, seed=3)
+    net, _ = _cnn(2, 2, image, outputs=2, seed=3)
     chain = circulant_chain(net, _problem(net))
     m = chain.n_vars
     base = _torus_matrix(chain, np.zeros(m))
@@ -190,3 +198,13 @@ def test_step_length_by_bisection_matches_the_eigenvalue_step(seed):
     assert exact * (1 - 2 * _STEP_RTOL) <= bisected <= exact * (1 + 1e-9)
     assert bool((torch.linalg.eigvalsh(x + bisected * d) > -1e-9).all())
     assert _max_step(lo, torch.eye(9, dtype=d.dtype).expand(7, -1, -1), exact=False) == 1.0  # every step feasible
+
+
+def test_conjugate_pairs_cover_the_torus_once():
+    for torus in [(5,), (4,), (5, 4), (4, 4), (3, 3, 2)]:
+        keep, mult = conjugate_pairs(torus)
+        grid = np.indices(torus).reshape(len(torus), -1)
+        partner = np.ravel_multi_index(tuple((-grid) % np.array(torus)[:, None]), torus)
+        covered = np.concatenate([keep, partner[keep][mult == 2]])
+        assert np.array_equal(np.sort(covered), np.arange(int(np.prod(torus))))
+        assert np.array_equal(mult == 1, partner[keep] == keep)
