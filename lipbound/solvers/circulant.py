@@ -10,7 +10,7 @@ term couples the frequencies. The coupling is split exactly (the arrow pattern i
 
 with one Hermitian ``h x h`` variable ``Y_w`` per frequency; one frequency of each conjugate pair ``{w, -w}`` is
 kept (the data are real, so the pair's blocks are conjugate; :func:`conjugate_pairs`) and the coupling reads
-``sum_w mult_w Re(Y_w) <= I``. That is an SDP with ``T_1 T_2`` small cones (order
+``sum_w mult_w Re(Y_w) <= I``. That is an SDP with about ``T_1 T_2 / 2`` small cones (order
 ``n + h``), one ``h x h`` cone and the multipliers' signs, solved by the infeasible-start primal-dual
 path-following method with the HKM direction and Mehrotra's predictor-corrector (as the native solver). Its
 Schur matrix has an arrow structure: the multipliers ``y`` couple everything, each ``Y_w`` only its own cone and
