@@ -454,10 +454,11 @@ def _rump_test_banded(a: BlockTridiagonal, bound: EntrywiseBound) -> bool:
     off = a.offsets
     nb = len(a.diag)
     e = equilibration_exponents(diag)
-    rows = bound.row_sums(np.ldexp(1.0, e))
+    powers = np.ldexp(1.0, e)
+    rows = bound.row_sums(powers)
     tiny = np.finfo(float).tiny
     exact_powers = 2 * int(e.max()) <= 1023 and 2 * int(e.min()) >= -1022
-    power = torch.as_tensor(np.ldexp(1.0, e), device=a.device)
+    power = torch.as_tensor(powers, device=a.device)
 
     def scaled(block: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``2^(e_i + e_j) block`` for row block ``r`` and column block ``c``, and the mask of its entries that

@@ -51,6 +51,21 @@ def block_tridiagonal(rng, sizes, diag_boost=0.0) -> tuple[np.ndarray, BlockPatt
     return a, BlockPattern(tuple(sizes), adj)
 
 
+def assert_box_corners_definite(rng, a: np.ndarray, pattern: BlockPattern, radius: float, corners: int) -> None:
+    """A proof for ``a`` with an entrywise ``radius`` on the block-tridiagonal ``pattern`` covers every matrix in that
+    box: check random symmetric corners of it exactly."""
+    off = pattern.offsets
+    nb = len(pattern.sizes)
+    for _ in range(corners):
+        e = radius * rng.choice([-1.0, 1.0], size=a.shape)
+        e = np.tril(e) + np.tril(e, -1).T
+        for r in range(nb):
+            for c in range(nb):
+                if abs(r - c) > 1:
+                    e[off[r]:off[r + 1], off[c]:off[c + 1]] = 0.0
+        assert exact_is_positive_definite(a + e)
+
+
 def near_singular_scaled(rng, sizes, digits, below, spread) -> tuple[np.ndarray, BlockPattern]:
     """A block-tridiagonal matrix whose smallest eigenvalue is ``-+10^-digits`` (below or above 0), then scaled
     by ``2^(e_i + e_j)`` with exponents up to ``+-spread`` (exactly symmetric)."""
@@ -92,16 +107,7 @@ def test_rump_with_block_pattern_never_claims_an_indefinite_matrix(sizes, seed, 
     a[np.diag_indices(a.shape[0])] -= lam_min + shift
     if rump_positive_definite(a, radius, pattern=pattern):
         assert exact_is_positive_definite(a)
-        # Perturbations within the radius on the pattern (the claim covers them too): corners of the box.
-        for _ in range(3):
-            e = radius * rng.choice([-1.0, 1.0], size=a.shape)
-            e = np.tril(e) + np.tril(e, -1).T
-            off = pattern.offsets
-            for r in range(len(sizes)):
-                for c in range(len(sizes)):
-                    if abs(r - c) > 1:
-                        e[off[r]:off[r + 1], off[c]:off[c + 1]] = 0.0
-            assert exact_is_positive_definite(a + e)
+        assert_box_corners_definite(rng, a, pattern, radius, 3)
 
 
 def test_block_pattern_shrinks_the_shift_and_proves_what_the_dense_test_cannot():
@@ -387,15 +393,7 @@ def test_banded_rump_never_claims_an_indefinite_matrix(sizes, seed, digits, belo
     scaled, pattern = near_singular_scaled(rng, sizes, digits, below, spread)
     if rump_positive_definite(_as_banded(scaled, sizes), radius):
         assert exact_is_positive_definite(scaled)
-        off = pattern.offsets
-        for _ in range(2):  # the claim covers every matrix within the radius on the pattern: corners of the box
-            p = radius * rng.choice([-1.0, 1.0], size=scaled.shape)
-            p = np.tril(p) + np.tril(p, -1).T
-            for r in range(len(sizes)):
-                for c in range(len(sizes)):
-                    if abs(r - c) > 1:
-                        p[off[r]:off[r + 1], off[c]:off[c + 1]] = 0.0
-            assert exact_is_positive_definite(scaled + p)
+        assert_box_corners_definite(rng, scaled, pattern, radius, 2)
 
 
 @pytest.mark.parametrize("seed", range(6))
