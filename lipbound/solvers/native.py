@@ -244,32 +244,30 @@ class NativeSolver:
                  [f"{lay.nb}x{lay.b}" for lay in layouts])
         threads = options.pop("threads", None)
         policy = ThreadPolicy(forced=threads) if dev.type == "cpu" else ThreadPolicy(forced=torch.get_num_threads())
-        saved = torch.get_num_threads()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            torch.set_num_threads(policy.threads_for(0))
-            with torch.no_grad():
-                run = _Run(program, dev, tol, max_iter, verbose, options, layouts, policy)
-                y, status, info = run.solve()
-                if status == "stalled" and run.dropped_signs:
-                    # Without the sign constraints the LMIs imply, the Schur matrix lacks the LP cone's diagonal
-                    # term; on a badly scaled program (an optimum below the data's rounding level) the run can
-                    # stall far from the optimum (gap 1.5 where the run with them reached 1e-9). Run again with
-                    # them and keep the better answer.
-                    log.info("native: stopped ('%s', gap %.2e) without the implied sign constraints; solving again "
-                             "with them", status, info["gap"])
-                    again = _Run(program, dev, tol, max_iter, verbose, options, layouts, policy, keep_signs=True)
-                    found = again.solve()
-                    if _merit(found[2]) < _merit(info):
-                        run, (y, status, info) = again, found
-        finally:
-            torch.set_num_threads(saved)
+        with policy.scope(0), torch.no_grad():
+            run = _Run(program, dev, tol, max_iter, verbose, options, layouts, policy)
+            y, status, info = run.solve()
+            if status == "stalled" and run.dropped_signs:
+                # Without the sign constraints the LMIs imply, the Schur matrix lacks the LP cone's diagonal
+                # term; on a badly scaled program (an optimum below the data's rounding level) the run can
+                # stall far from the optimum (gap 1.5 where the run with them reached 1e-9). Run again with
+                # them and keep the better answer.
+                log.info("native: stopped ('%s', gap %.2e) without the implied sign constraints; solving again "
+                         "with them", status, info["gap"])
+                again = _Run(program, dev, tol, max_iter, verbose, options, layouts, policy, keep_signs=True)
+                found = again.solve()
+                if _merit(found[2]) < _merit(info):
+                    run, (y, status, info) = again, found
         # Earlier strictly feasible iterates, most accurate first, without the one returned.
         trail = tuple(v for _, v in sorted(run.trail.items(), reverse=True) if not np.array_equal(v, y))
         info["device"] = str(dev)
         info["strategy"] = ",".join("dense" if lay.nb == 1 else "chordal" for lay in layouts)
         info["super_blocks"] = ",".join(f"{lay.nb}x{lay.b}" for lay in layouts)
+        if policy.tuned:
+            info["threads_middle_orders"] = policy.middle
+            info["threads_measured_iterations_s"] = list(policy.tuned)
         if dev.type == "cuda":
             info["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         return SolveResult(y, status, self.name, time.perf_counter() - start, info, trail)
@@ -358,9 +356,9 @@ class _Run:
         for cone, xh, zi in zip(self.cones, xhat, zinv, strict=True):
             lr = cone.lowrank
             if lr.m:
-                # The dense layout's Gram products are few large matrix products; the chordal layout's are many
-                # small ones, and the pair gathers are memory bound: those stay on one thread.
-                with self.policy.scope(cone.n_pad if cone.nb == 1 else 0), _tf32(self.schur_precision == "tf32"):
+                # Threads by the cone's order (policy): below the crossover, the count measured on this run's own
+                # iterations (the chordal layout's batched products gain 1.8x from a second quiet core).
+                with self.policy.scope(cone.n_pad), _tf32(self.schur_precision == "tf32"):
                     low = self.schur_precision != "float64"
                     ga = lr.gram(xh.float() if low else xh)
                     gz = lr.gram(zi.float() if low else zi)
@@ -506,85 +504,92 @@ class _Run:
         history: list[tuple[float, float]] = []  # best merit and best mu after each iteration
         floored = 0  # consecutive iterations within tol except for the rounding floor
         info: dict = {}
+        order = max(cone.n_pad for cone in cones)
         for it in range(self.max_iter + 1):
-            # Residuals and objectives. Once dual feasible, Z = -M(y) and s = y[nonneg] by construction.
-            if self.dual_feasible:
-                rd, rd_lp = None, torch.zeros_like(s_lp)
-            else:
-                rd = [self._slack(cone, y) - zm for cone, zm in zip(cones, zs, strict=True)]
-                rd_lp = y[nn] - s_lp
-            rp = self.b - self._adjoint(xs, x_lp)
-            pobj = sum(self._inner_c(cone, xm) for cone, xm in zip(cones, xs, strict=True))
-            dobj = float(self.b @ y)
-            xz = sum(cone.inner(xm, zm) for cone, xm, zm in zip(cones, xs, zs, strict=True)) + float(x_lp @ s_lp)
-            mu = xz / max(n_cone, 1)
-            scale = max(abs(pobj) + abs(dobj), unit_floor)
-            gap = max(abs(pobj - dobj), xz) / scale
-            pinf = float(torch.linalg.vector_norm(rp)) / sb
-            x_norm = math.sqrt(sum(cone.norm(xm) ** 2 for cone, xm in zip(cones, xs, strict=True))
-                               + float(x_lp @ x_lp))
-            # Even a slack re-assembled exactly as Z = C - A^T(y) carries rounding errors of about
-            # u * (|C| + sum_i |y_i| |F_i|) per entry: a dual residual never below that floor (which is far below
-            # tol for a well-scaled program, but not when the optimum is below the data's rounding level).
-            magnitude = norm_c + float(torch.linalg.vector_norm(y * norm_a))
-            floor = _ROUNDING_FLOOR * magnitude * x_norm / scale
-            dinf = 0.0
-            if rd is not None:
-                rd_norm = math.sqrt(sum(cone.norm(r) ** 2 for cone, r in zip(cones, rd, strict=True))
-                                    + float(rd_lp @ rd_lp))
-                dinf = max(rd_norm / sc, rd_norm * x_norm / scale)
-            merit = max(gap, pinf, dinf, floor)
-            info = {"gap": gap, "iterations": it, "primal_infeasibility": pinf, "dual_infeasibility": dinf,
-                    "rounding_floor": floor, "objective": -dobj, "lower_objective": -pobj, "mu": mu}
-            if merit < best[0]:
-                best = (merit, y.clone(), dict(info))
-            if self.dual_feasible and -dobj < best_feasible[0]:
-                # Every dual-feasible iterate is a valid answer; the lowest objective is the best one.
-                best_feasible = (-dobj, y.clone(), dict(info))
-            if self.dual_feasible and gap <= _TRAIL_GAP:
-                decade = math.floor(-math.log10(max(gap, 1e-300)))
-                if decade not in self.trail:
-                    self.trail[decade] = y.cpu().numpy()
-            self._say("native it %3d  obj %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e  floor %.1e  "
-                      "mu %.2e  step %.3f %.3f", it, -dobj, -pobj, gap, pinf, dinf, floor, mu, alpha_p, alpha_d)
-            if merit <= self.tol:
-                status = "optimal"
-                break
-            if it == self.max_iter:
-                break
-            # Slow but steady progress is fine (e.g. multipliers drifting to an optimum at infinity, mu falling
-            # while the relative gap waits for the iterates to reach a tiny optimum's scale, or short steps through
-            # a deep chain's long infeasible phase); ten iterations that improve neither the best merit nor the
-            # best mu by 10 % in all are not. Within _INACCURATE tol (the answer is already "optimal_inaccurate"),
-            # three iterations that halve neither are the last digits' stagnation (4-20x100-1 spent 16 of its 49
-            # iterations, a third of its time, moving the merit from 7.7e-9 to 4.2e-9 against tol 1e-9).
-            # Converged but for the rounding floor: further iterations cannot lower it (it is the data's rounding
-            # level against the optimum's magnitude, fixed by the program's scaling), so three such iterations end the
-            # run. glipsdp-32x32 with norm-product scaling reached gap 1e-9 at iteration 44 and ran 34 more.
-            floored = floored + 1 if max(gap, pinf, dinf) <= self.tol < floor else 0
-            if floored >= 3:
-                log.info("native: converged to tol except for the rounding floor %.1e (the optimum lies below the "
-                         "rounding level of the program's data): stopping", floor)
-                status = "stalled"
-                break
-            best_merit, best_mu = history[-1] if history else (math.inf, math.inf)
-            history.append((min(best_merit, merit), min(best_mu, mu)))
-            window, factor = (3, 0.5) if history[-1][0] <= _INACCURATE * self.tol else (10, 0.9)
-            if len(history) > window:
-                then, now = history[-window - 1], history[-1]
-                if now[0] > factor * then[0] and now[1] > factor * then[1]:
+            # The whole iteration runs on the policy's threads for the largest cone (orders below the crossover:
+            # the count measured on the first iterations, see ThreadPolicy.observe).
+            tick = time.perf_counter()
+            with self.policy.scope(order):
+                # Residuals and objectives. Once dual feasible, Z = -M(y) and s = y[nonneg] by construction.
+                if self.dual_feasible:
+                    rd, rd_lp = None, torch.zeros_like(s_lp)
+                else:
+                    rd = [self._slack(cone, y) - zm for cone, zm in zip(cones, zs, strict=True)]
+                    rd_lp = y[nn] - s_lp
+                rp = self.b - self._adjoint(xs, x_lp)
+                pobj = sum(self._inner_c(cone, xm) for cone, xm in zip(cones, xs, strict=True))
+                dobj = float(self.b @ y)
+                xz = sum(cone.inner(xm, zm) for cone, xm, zm in zip(cones, xs, zs, strict=True)) + float(x_lp @ s_lp)
+                mu = xz / max(n_cone, 1)
+                scale = max(abs(pobj) + abs(dobj), unit_floor)
+                gap = max(abs(pobj - dobj), xz) / scale
+                pinf = float(torch.linalg.vector_norm(rp)) / sb
+                x_norm = math.sqrt(sum(cone.norm(xm) ** 2 for cone, xm in zip(cones, xs, strict=True))
+                                   + float(x_lp @ x_lp))
+                # Even a slack re-assembled exactly as Z = C - A^T(y) carries rounding errors of about
+                # u * (|C| + sum_i |y_i| |F_i|) per entry: a dual residual never below that floor (which is far below
+                # tol for a well-scaled program, but not when the optimum is below the data's rounding level).
+                magnitude = norm_c + float(torch.linalg.vector_norm(y * norm_a))
+                floor = _ROUNDING_FLOOR * magnitude * x_norm / scale
+                dinf = 0.0
+                if rd is not None:
+                    rd_norm = math.sqrt(sum(cone.norm(r) ** 2 for cone, r in zip(cones, rd, strict=True))
+                                        + float(rd_lp @ rd_lp))
+                    dinf = max(rd_norm / sc, rd_norm * x_norm / scale)
+                merit = max(gap, pinf, dinf, floor)
+                info = {"gap": gap, "iterations": it, "primal_infeasibility": pinf, "dual_infeasibility": dinf,
+                        "rounding_floor": floor, "objective": -dobj, "lower_objective": -pobj, "mu": mu}
+                if merit < best[0]:
+                    best = (merit, y.clone(), dict(info))
+                if self.dual_feasible and -dobj < best_feasible[0]:
+                    # Every dual-feasible iterate is a valid answer; the lowest objective is the best one.
+                    best_feasible = (-dobj, y.clone(), dict(info))
+                if self.dual_feasible and gap <= _TRAIL_GAP:
+                    decade = math.floor(-math.log10(max(gap, 1e-300)))
+                    if decade not in self.trail:
+                        self.trail[decade] = y.cpu().numpy()
+                self._say("native it %3d  obj %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e  floor %.1e  "
+                          "mu %.2e  step %.3f %.3f", it, -dobj, -pobj, gap, pinf, dinf, floor, mu, alpha_p, alpha_d)
+                if merit <= self.tol:
+                    status = "optimal"
+                    break
+                if it == self.max_iter:
+                    break
+                # Slow but steady progress is fine (e.g. multipliers drifting to an optimum at infinity, mu falling
+                # while the relative gap waits for the iterates to reach a tiny optimum's scale, or short steps through
+                # a deep chain's long infeasible phase); ten iterations that improve neither the best merit nor the
+                # best mu by 10 % in all are not. Within _INACCURATE tol (the answer is already "optimal_inaccurate"),
+                # three iterations that halve neither are the last digits' stagnation (4-20x100-1 spent 16 of its 49
+                # iterations, a third of its time, moving the merit from 7.7e-9 to 4.2e-9 against tol 1e-9).
+                # Converged but for the rounding floor: further iterations cannot lower it (it is the data's rounding
+                # level against the optimum's magnitude, fixed by the program's scaling), so three such iterations end the
+                # run. glipsdp-32x32 with norm-product scaling reached gap 1e-9 at iteration 44 and ran 34 more.
+                floored = floored + 1 if max(gap, pinf, dinf) <= self.tol < floor else 0
+                if floored >= 3:
+                    log.info("native: converged to tol except for the rounding floor %.1e (the optimum lies below the "
+                             "rounding level of the program's data): stopping", floor)
                     status = "stalled"
                     break
-            try:
-                step = self._iterate(y, xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone)
-            except ArithmeticError as exc:
-                log.info("native: stopping at iteration %d: %s", it, exc)
-                status = "stalled"
-                break
-            y, xs, zs, x_lp, s_lp, xfs, zfs, alpha_p, alpha_d = step
-            if max(alpha_p, alpha_d) < 1e-10:
-                status = "stalled"
-                break
+                best_merit, best_mu = history[-1] if history else (math.inf, math.inf)
+                history.append((min(best_merit, merit), min(best_mu, mu)))
+                window, factor = (3, 0.5) if history[-1][0] <= _INACCURATE * self.tol else (10, 0.9)
+                if len(history) > window:
+                    then, now = history[-window - 1], history[-1]
+                    if now[0] > factor * then[0] and now[1] > factor * then[1]:
+                        status = "stalled"
+                        break
+                try:
+                    step = self._iterate(y, xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone)
+                except ArithmeticError as exc:
+                    log.info("native: stopping at iteration %d: %s", it, exc)
+                    status = "stalled"
+                    break
+                y, xs, zs, x_lp, s_lp, xfs, zfs, alpha_p, alpha_d = step
+                if max(alpha_p, alpha_d) < 1e-10:
+                    status = "stalled"
+                    break
+            self.policy.observe(time.perf_counter() - tick)
+
         if status == "optimal":
             return y.cpu().numpy(), status, info
         # Without convergence (e.g. the primal residual stagnating while the dual iterates still improve), return
@@ -608,7 +613,7 @@ class _Run:
             raise ArithmeticError("primal iterate lost positive definiteness")
         zinv, xhat = [], []
         for cone, x, xf, zf in zip(cones, xs, xfs, zfs, strict=True):
-            with self.policy.scope(cone.n_pad if cone.nb == 1 else 0):
+            with self.policy.scope(cone.n_pad):
                 zinv.append(cone.inverse(zf))
                 xhat.append(cone.completion(x, xf))
         state = (xs, zs, x_lp, s_lp, xfs, zfs, rd, rd_lp, rp, mu, n_cone, zinv, xhat)
@@ -666,7 +671,7 @@ class _Run:
 
         def hkm(t: int, d: torch.Tensor):
             cone = cones[t]
-            with self.policy.scope(cone.n_pad if cone.nb == 1 else 0):
+            with self.policy.scope(cone.n_pad):
                 return cone.hkm(xhat[t], d, zinv[t])
 
         # X R_d Z^-1 is shared by the predictor and the corrector right-hand sides (zero once dual feasible).
