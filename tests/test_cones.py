@@ -206,3 +206,19 @@ def test_pencil_min_matches_the_eigenvalues_of_the_reduced_matrix(batch):
     got = _pencil_min(torch.as_tensor(chol), torch.as_tensor(d))
     assert got == pytest.approx(ref, rel=1e-10, abs=1e-12)
     assert (batch <= _PENCIL_LAPACK_BATCH) == (batch < 12)
+
+
+@pytest.mark.parametrize("nb1", [False, True])
+def test_banded_symmetric_product_reads_strided_blocks_in_place(cone, nb1):
+    # Pi_E(sym(A C)) and Pi_E(sym(A^T C)) from strided views (no transposed copies) against dense products.
+    rng = np.random.default_rng(5)
+    if nb1:
+        lmi = lipsdp(random_net([4, 5, 3], seed=2)).solve_program.lmis[0]
+        cone = SemidefiniteCone(LowRankLMI(lmi, 30, torch.device("cpu"), dense_layout(lmi)), 30, rng)
+    real = torch.tensor(cone.lowrank.layout.real_mask())
+    keep = real[:, None] & real[None, :]  # padded rows and columns hold zeros in the solver
+    a, c = (torch.tensor(rng.standard_normal((cone.n_pad, cone.n_pad))) * keep for _ in range(2))
+    for transpose, left in ((False, a), (True, a.T)):
+        prod = left @ c
+        torch.testing.assert_close(cone.to_dense(cone.sym_product_band(a, c, transpose_a=transpose)),
+                                   cone.to_dense(cone.band_of((prod + prod.T) / 2)))
