@@ -44,6 +44,16 @@ def test_middle_orders_take_all_cores_only_when_the_measured_iteration_was_faste
     assert slow.tuned == [1.0, 0.9, 1.0] and slow.threads_for(500) == 1
 
 
+def test_torch_thread_count_caps_the_cores_used():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        policy = ThreadPolicy(crossover=1000)
+    finally:
+        torch.set_num_threads(saved)
+    assert policy.cores == 1 and policy.decided and policy.threads_for(5000) == 1
+
+
 def test_short_iterations_are_not_measured_on_all_cores():
     policy = ThreadPolicy(crossover=1000, cores=4)
     _probe(policy, [0.01])
@@ -68,7 +78,7 @@ def test_forced_or_single_core_policies_never_measure():
     assert single.tuned == [] and single.threads_for(5000) == 1
 
 
-@pytest.mark.skipif(available_cores() < 2, reason="one core: nothing to measure")
+@pytest.mark.skipif(min(available_cores(), torch.get_num_threads()) < 2, reason="one thread: nothing to measure")
 def test_native_solve_measures_middle_orders_and_answers_as_with_forced_threads(monkeypatch):
     import lipbound.solvers.threads
 

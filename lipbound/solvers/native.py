@@ -561,9 +561,10 @@ class _Run:
                 # best mu by 10 % in all are not. Within _INACCURATE tol (the answer is already "optimal_inaccurate"),
                 # three iterations that halve neither are the last digits' stagnation (4-20x100-1 spent 16 of its 49
                 # iterations, a third of its time, moving the merit from 7.7e-9 to 4.2e-9 against tol 1e-9).
-                # Converged but for the rounding floor: further iterations cannot lower it (it is the data's rounding
-                # level against the optimum's magnitude, fixed by the program's scaling), so three such iterations end the
-                # run. glipsdp-32x32 with norm-product scaling reached gap 1e-9 at iteration 44 and ran 34 more.
+                # Converged but for the rounding floor: further iterations cannot lower it (it is the data's
+                # rounding level against the optimum's magnitude, fixed by the program's scaling), so three such
+                # iterations end the run. glipsdp-32x32 with norm-product scaling reached gap 1e-9 at iteration 44
+                # and ran 34 more.
                 floored = floored + 1 if max(gap, pinf, dinf) <= self.tol < floor else 0
                 if floored >= 3:
                     log.info("native: converged to tol except for the rounding floor %.1e (the optimum lies below the "

@@ -110,7 +110,9 @@ class ThreadPolicy:
     crossover : int
         Operations of at least this order (matrix dimension) use ``cores`` threads.
     cores : int, optional
-        Threads for large operations (default: the cores available to this process).
+        Threads for large operations (default: the cores available to this process, at most torch's thread count
+        when the policy is made: ``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` keeps every solve on one
+        thread).
     tune_from : int
         Smallest order whose thread count is measured (below it: one thread).
     middle : int, optional
@@ -134,7 +136,7 @@ class ThreadPolicy:
                  tune_from: int = TUNE_FROM, middle: int | None = None):
         self.forced = None if forced is None else max(1, int(forced))
         self.crossover = int(crossover)
-        self.cores = max(1, int(cores if cores is not None else available_cores()))
+        self.cores = max(1, int(cores if cores is not None else min(available_cores(), torch.get_num_threads())))
         self.tune_from = int(tune_from)
         # Threads for orders in [tune_from, crossover): one until measured, or the measured count passed in.
         self.middle = 1 if middle is None else max(1, int(middle))
