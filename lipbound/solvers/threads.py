@@ -1,8 +1,8 @@
 """CPU thread policy of the native solver, from measurement (``lipbound bench threads`` writes the data).
 
-The solver runs one thread by default and raises torch's thread count only around single dense operations large
-enough to pay for OpenMP synchronisation (the Schur matrix's factorisation and products, the dense layout's
-``N x N`` products). Small operations, which dominate deep narrow nets, stay on one thread.
+The solver runs small operations (order below :data:`TUNE_FROM`), which dominate deep narrow nets, on one thread,
+and operations from :data:`CROSSOVER` on all cores; in between, the thread count is measured on the run's own
+iterations (:class:`ThreadPolicy`), since whether more threads pay there depends on the machine's load.
 
 Measured on a 2-core machine shared with other jobs (``lipbound bench threads``, this table's source): a 64 x 64
 float64 product takes 60 us on 1 thread and 1.9 ms on 2 (synchronisation stalls when the other core is busy); a
@@ -74,10 +74,16 @@ def available_cores() -> int:
 _LAST_MEASURED: dict[int, int] = {}
 
 
+def default_cores() -> int:
+    """Threads a policy uses for large operations by default: the cores available to this process, at most
+    torch's thread count (``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` keeps every solve on one thread)."""
+    return max(1, min(available_cores(), torch.get_num_threads()))
+
+
 def last_measured(cores: int | None = None) -> int | None:
-    """The middle orders' thread count the last solve in this process measured with ``cores`` cores (``None``
-    before any)."""
-    return _LAST_MEASURED.get(available_cores() if cores is None else cores)
+    """The middle orders' thread count the last solve in this process measured with ``cores`` cores (default:
+    :func:`default_cores`; ``None`` before any)."""
+    return _LAST_MEASURED.get(default_cores() if cores is None else cores)
 
 
 #: Operations of orders from here up to :data:`CROSSOVER` run on the thread count the solver measures on its own
@@ -110,9 +116,7 @@ class ThreadPolicy:
     crossover : int
         Operations of at least this order (matrix dimension) use ``cores`` threads.
     cores : int, optional
-        Threads for large operations (default: the cores available to this process, at most torch's thread count
-        when the policy is made: ``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` keeps every solve on one
-        thread).
+        Threads for large operations (default: :func:`default_cores` when the policy is made).
     tune_from : int
         Smallest order whose thread count is measured (below it: one thread).
     middle : int, optional
@@ -136,7 +140,7 @@ class ThreadPolicy:
                  tune_from: int = TUNE_FROM, middle: int | None = None):
         self.forced = None if forced is None else max(1, int(forced))
         self.crossover = int(crossover)
-        self.cores = max(1, int(cores if cores is not None else min(available_cores(), torch.get_num_threads())))
+        self.cores = max(1, int(cores if cores is not None else default_cores()))
         self.tune_from = int(tune_from)
         # Threads for orders in [tune_from, crossover): one until measured, or the measured count passed in.
         self.middle = 1 if middle is None else max(1, int(middle))
