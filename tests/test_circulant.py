@@ -10,7 +10,6 @@ from lipbound.formulations.circulant import block_exponents, circulant_chain
 from lipbound.formulations.lipsdp import lipsdp
 from lipbound.solvers import get_solver
 from lipbound.solvers.circulant import _Arrow, conjugate_pairs, solve_circulant
-from lipbound.solvers.threads import default_cores
 
 
 def _cnn(channels, depth, image, outputs=3, seed=0, act=torch.nn.ReLU, kernel=3, padding=1, dilation=1, groups=1):
@@ -209,19 +208,3 @@ def test_conjugate_pairs_cover_the_torus_once():
         covered = np.concatenate([keep, partner[keep][mult == 2]])
         assert np.array_equal(np.sort(covered), np.arange(int(np.prod(torus))))
         assert np.array_equal(mult == 1, partner[keep] == keep)
-
-
-@pytest.mark.skipif(default_cores() < 2, reason="one thread: nothing to measure")
-def test_cpu_threads_are_measured_and_the_optimum_is_the_single_thread_one(monkeypatch):
-    import lipbound.solvers.threads as threads
-
-    monkeypatch.setattr(threads, "PROBE_FROM_S", 0.0)  # this tiny program's iterations take milliseconds
-    net, _ = _cnn(2, 2, (5, 4), outputs=2, seed=3)
-    chain = circulant_chain(net, _problem(net))
-    measured = solve_circulant(chain)
-    with threads.limited(1):
-        single = solve_circulant(chain)
-    assert len(measured.info["threads_measured_iterations_s"]) == 3
-    assert measured.info["threads_middle_orders"] in (1, threads.default_cores())
-    assert "threads_measured_iterations_s" not in single.info
-    assert measured.y[0] == pytest.approx(single.y[0], rel=1e-7)

@@ -39,7 +39,6 @@ from lipbound.errors import SolverError
 from lipbound.formulations.circulant import CirculantChain
 from lipbound.solvers.base import SolveResult
 from lipbound.solvers.cones import lp_step
-from lipbound.solvers.threads import ThreadPolicy
 
 log = logging.getLogger("lipbound")
 
@@ -353,19 +352,11 @@ def solve_circulant(chain: CirculantChain, tol: float = 1e-6, max_iter: int = 10
     start = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # CPU threads as the native solver measures them for its middle orders (every operation here is a batch over
-    # the frequencies): one thread, then all cores, then one for the first three iterations, all cores kept only
-    # when 15 % faster (lipbound.solvers.threads.ThreadPolicy). CUDA runs keep torch's thread count.
-    policy = ThreadPolicy(tune_from=1, crossover=2**62) if dev.type == "cpu" \
-        else ThreadPolicy(forced=torch.get_num_threads())
     with torch.no_grad():
-        run = _Run(_Arrow(chain, dev), tol, max_iter, policy)
+        run = _Run(_Arrow(chain, dev), tol, max_iter)
         y, status, info = run.solve()
     info.update(frequencies=run.ar.nf, torus_frequencies=run.ar.torus_frequencies, block_size=run.ar.big,
                 device=str(dev))
-    if policy.tuned:
-        info["threads_middle_orders"] = policy.middle
-        info["threads_measured_iterations_s"] = list(policy.tuned)
     if dev.type == "cuda":
         info["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return SolveResult(y, status, "circulant", time.perf_counter() - start, info)
@@ -374,11 +365,10 @@ def solve_circulant(chain: CirculantChain, tol: float = 1e-6, max_iter: int = 10
 class _Run:
     """One interior-point run on :class:`_Arrow` (state kept apart from the data)."""
 
-    def __init__(self, arrow: _Arrow, tol: float, max_iter: int, policy: ThreadPolicy):
+    def __init__(self, arrow: _Arrow, tol: float, max_iter: int):
         self.ar = arrow
         self.tol = float(tol)
         self.max_iter = int(max_iter)
-        self.policy = policy
 
     def _hkm(self, x, d, zi):
         return _sym(x @ d @ zi)
@@ -422,48 +412,45 @@ class _Run:
         info: dict = {}
         history: list[tuple[float, float]] = []
         for it in range(self.max_iter + 1):
-            tick = time.perf_counter()
-            with self.policy.scope(1):
-                zf_now, zc_now, s_now = ar.cone_slack(y, yv), eye_h - ar.hermitian(ar.couple * yv).sum(0), y[1:]
-                rd, rd_c, rd_lp = zf_now - zf, _sym(zc_now - zc), s_now - s_lp
-                ay, av = self._adjoint(xf, xc, x_lp)
-                rp_y, rp_v = b - ay, -av
-                pobj = float(torch.einsum("fij,fji->", ar.c, xf).real) + float(torch.diagonal(xc).real.sum())
-                dobj = float(b @ y)
-                xz = float(torch.einsum("fij,fji->", xf, zf).real) + float(torch.einsum("ij,ji->", xc, zc).real) \
-                    + float(x_lp @ s_lp)
-                mu = xz / n_cone
-                scale = max(abs(pobj) + abs(dobj), 1e-300)
-                gap = max(abs(pobj - dobj), xz) / scale
-                pinf = math.sqrt(float(rp_y @ rp_y) + float((rp_v ** 2).sum()))
-                dinf = math.sqrt(float(torch.linalg.vector_norm(rd) ** 2 + torch.linalg.vector_norm(rd_c) ** 2)
-                                 + float(rd_lp @ rd_lp)) / (1.0 + norm_c)
-                merit = max(gap, pinf, dinf)
-                info = {"iterations": it, "gap": gap, "primal_infeasibility": pinf, "dual_infeasibility": dinf,
-                        "objective": -dobj, "lower_objective": -pobj}
-                if merit < best[0]:
-                    best = (merit, y.clone(), dict(info))
-                log.info("circulant it %3d  rho %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e", it, -dobj, -pobj,
-                         gap, pinf, dinf)
-                if merit <= self.tol:
-                    status = "optimal"
-                    break
-                # Stalled: neither the best merit nor mu fell by 10 % in 8 iterations. The relative gap alone sits
-                # near 1 while the lower bound crosses 0 (c16-d8: rho fell from 506 to 22 in 11 iterations at gap
-                # 1.0-3.1, and a rule on the gap alone stopped it there).
-                history.append((best[0], mu))
-                if it == self.max_iter or (len(history) > 8 and history[-1][0] > 0.9 * history[-9][0]
-                                           and history[-1][1] > 0.9 * history[-9][1]):
-                    status = "stalled" if it < self.max_iter else status
-                    break
-                try:
-                    step = self._step(y, yv, xf, zf, xc, zc, x_lp, s_lp, rd, rd_c, rd_lp, rp_y, rp_v, mu, n_cone)
-                except ArithmeticError as exc:
-                    log.info("circulant: stopping at iteration %d: %s", it, exc)
-                    status = "stalled"
-                    break
-                y, yv, xf, zf, xc, zc, x_lp, s_lp = step
-            self.policy.observe(time.perf_counter() - tick)
+            zf_now, zc_now, s_now = ar.cone_slack(y, yv), eye_h - ar.hermitian(ar.couple * yv).sum(0), y[1:]
+            rd, rd_c, rd_lp = zf_now - zf, _sym(zc_now - zc), s_now - s_lp
+            ay, av = self._adjoint(xf, xc, x_lp)
+            rp_y, rp_v = b - ay, -av
+            pobj = float(torch.einsum("fij,fji->", ar.c, xf).real) + float(torch.diagonal(xc).real.sum())
+            dobj = float(b @ y)
+            xz = float(torch.einsum("fij,fji->", xf, zf).real) + float(torch.einsum("ij,ji->", xc, zc).real) \
+                + float(x_lp @ s_lp)
+            mu = xz / n_cone
+            scale = max(abs(pobj) + abs(dobj), 1e-300)
+            gap = max(abs(pobj - dobj), xz) / scale
+            pinf = math.sqrt(float(rp_y @ rp_y) + float((rp_v ** 2).sum()))
+            dinf = math.sqrt(float(torch.linalg.vector_norm(rd) ** 2 + torch.linalg.vector_norm(rd_c) ** 2)
+                             + float(rd_lp @ rd_lp)) / (1.0 + norm_c)
+            merit = max(gap, pinf, dinf)
+            info = {"iterations": it, "gap": gap, "primal_infeasibility": pinf, "dual_infeasibility": dinf,
+                    "objective": -dobj, "lower_objective": -pobj}
+            if merit < best[0]:
+                best = (merit, y.clone(), dict(info))
+            log.info("circulant it %3d  rho %+.10e  lower %+.10e  gap %.2e  pinf %.2e  dinf %.2e", it, -dobj, -pobj,
+                     gap, pinf, dinf)
+            if merit <= self.tol:
+                status = "optimal"
+                break
+            # Stalled: neither the best merit nor mu fell by 10 % in 8 iterations. The relative gap alone sits near 1
+            # while the lower bound crosses 0 (c16-d8: rho fell from 506 to 22 in 11 iterations at gap 1.0-3.1,
+            # and a rule on the gap alone stopped it there).
+            history.append((best[0], mu))
+            if it == self.max_iter or (len(history) > 8 and history[-1][0] > 0.9 * history[-9][0]
+                                       and history[-1][1] > 0.9 * history[-9][1]):
+                status = "stalled" if it < self.max_iter else status
+                break
+            try:
+                step = self._step(y, yv, xf, zf, xc, zc, x_lp, s_lp, rd, rd_c, rd_lp, rp_y, rp_v, mu, n_cone)
+            except ArithmeticError as exc:
+                log.info("circulant: stopping at iteration %d: %s", it, exc)
+                status = "stalled"
+                break
+            y, yv, xf, zf, xc, zc, x_lp, s_lp = step
         merit, y_best, info_best = best
         if status != "optimal" and merit <= _INACCURATE * self.tol:
             status = "optimal_inaccurate"
