@@ -31,6 +31,15 @@ def gamma(k: int) -> float:
     return 2.0 * ku / (1.0 - ku)
 
 
+def block_offsets(sizes) -> np.ndarray:
+    """First row of each block and the total, ``[0, s0, s0 + s1, ...]``, for blocks of the given sizes.
+
+    >>> block_offsets([2, 3]).tolist()
+    [0, 2, 5]
+    """
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+
+
 @dataclass(frozen=True, eq=False)
 class Term:
     """Contribution ``L diag(coef @ y + const) R^T`` to block ``(row, col)`` (and its transpose).
@@ -94,7 +103,7 @@ class BlockPattern:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+        return block_offsets(self.sizes)
 
     def contains(self, a) -> bool:
         """Whether every non-zero entry of ``a`` (a numpy array or a torch tensor) lies in an allowed block."""
@@ -136,7 +145,7 @@ class EntrywiseBound:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(int)
+        return block_offsets(self.block_sizes)
 
     def with_diagonal(self, extra: np.ndarray) -> EntrywiseBound:
         """The bound plus ``diag(extra)`` (e.g. the rounding of a diagonal shift)."""
@@ -254,7 +263,7 @@ class BlockTridiagonal:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+        return block_offsets(self.sizes)
 
     @property
     def pattern(self) -> BlockPattern:
@@ -337,7 +346,7 @@ class LMI:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(int)
+        return block_offsets(self.block_sizes)
 
     @property
     def pattern(self) -> BlockPattern:
